@@ -1,0 +1,1 @@
+"""INT8 post-training calibration of the exported backbone (Q/DQ ONNX)."""

@@ -1,0 +1,1 @@
+"""The device side: runtimes, the prototype learner and prediction. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Conversion steps from a trained PyTorch PAH to ONNX graphs and TensorRT engines."""
