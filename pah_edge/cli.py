@@ -94,19 +94,35 @@ def train(
 
 
 def _setup_logging() -> None:
+    """INFO from rank 0 only; Rich formatting on a terminal, plain unwrapped lines in logs and pipes."""
     rank = os.environ.get("RANK", "0")
-    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, format="%(message)s",
-                        handlers=[handler])
+    if err_console.is_terminal:
+        handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+        fmt = "%(message)s"
+    else:
+        handler, fmt = logging.StreamHandler(), "%(levelname)s %(message)s"
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, format=fmt, handlers=[handler])
 
 
 def main() -> None:
-    """Console entry point. Usage errors exit with 1 like every other user error (Click uses 2)."""
+    """Console entry point: every user error, usage errors included, is one line and exit code 1."""
     _setup_logging()
     try:
-        app()
-    except SystemExit as exc:
-        sys.exit(1 if exc.code == 2 else exc.code)
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        code = 1
+    except Exception as exc:
+        # Typer vendors Click's UsageError (exit code 2); match it by shape, not by a private import.
+        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+            raise
+        message = exc.format_message()
+        if not message:  # bare `pah-edge`: the help text was the answer
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        hint = f"{ctx.command_path} --help" if ctx else "pah-edge --help"
+        err_console.print(f"[bold red]error:[/] {message}; see `{hint}`", highlight=False, soft_wrap=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

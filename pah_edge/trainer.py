@@ -56,6 +56,7 @@ def run_training(cfg: RunConfig, out_dir: Path, *, resume: bool = False, show_pr
     """Resolve ``cfg``, load its tasks and train them: what ``pah-edge train`` runs."""
     cfg = resolve(dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, backbone=canonical_backbone_name(cfg.model.backbone))))
+    _refuse_to_overwrite(out_dir, resume)  # before minutes of data loading
     preprocess = Preprocess(image_size=cfg.model.image_size)
     data = cfg.data
     if data.folder is not None:
@@ -272,13 +273,11 @@ def _initial_params(model: PAHModel, train: ImageSet, normalize, cfg: RunConfig,
 
 
 def _start_or_resume(cfg: RunConfig, tasks: list[Task], out_dir: Path, resume: bool) -> RunState:
-    path = out_dir / CHECKPOINT_NAME
+    _refuse_to_overwrite(out_dir, resume)
     if not resume:
-        if path.exists():
-            raise CheckpointError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
         _seed(cfg.train.seed, -1)
         return RunState(build_model(cfg.model, first_task_classes=tasks[0].num_classes), [], [])
-    state = load_checkpoint(path)
+    state = load_checkpoint(out_dir / CHECKPOINT_NAME)
     if state["config"] != cfg.to_dict():
         changed = _changed_keys(state["config"], cfg.to_dict())
         raise CheckpointError(f"--resume with different options than the run in {out_dir} ({', '.join(changed)}); "
@@ -286,6 +285,11 @@ def _start_or_resume(cfg: RunConfig, tasks: list[Task], out_dir: Path, resume: b
     if state["tasks"] != _task_records(tasks):
         raise CheckpointError(f"--resume with different data than the run in {out_dir}; pass the original data options")
     return RunState(model_from_checkpoint(state), state["acc_matrix"], state["val_acc"])
+
+
+def _refuse_to_overwrite(out_dir: Path, resume: bool) -> None:
+    if not resume and (out_dir / CHECKPOINT_NAME).exists():
+        raise CheckpointError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
 
 
 def _save_run(out_dir: Path, cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, state: RunState) -> None:
