@@ -38,6 +38,14 @@ class Generator(nn.Module):
         """Initial task parameters from class-mean input images ``[C, 3, S, S]`` (or random)."""
         raise NotImplementedError
 
+    def vjp(self, params: torch.Tensor, grad_head: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. ``params`` given the gradient w.r.t. the head ``[C, D]``.
+
+        Written out in plain tensor ops (no autograd) so that it exports to ONNX: the device learns
+        prototypes with no autograd framework.
+        """
+        raise NotImplementedError
+
 
 class PrototypeGenerator(Generator):
     """A generator whose task parameters are small prototype images ``[C, c, s, s]``."""
@@ -75,6 +83,12 @@ class ClasswiseGenerator(PrototypeGenerator):
         z = prototypes.flatten(1)
         return self.linear(z) + self.mlp(z)
 
+    def vjp(self, prototypes: torch.Tensor, grad_head: torch.Tensor) -> torch.Tensor:
+        first, _, last = self.mlp
+        active = (first(prototypes.flatten(1)) > 0).to(grad_head.dtype)
+        grad_z = grad_head @ self.linear.weight + ((grad_head @ last.weight) * active) @ first.weight
+        return grad_z.reshape(prototypes.shape)
+
 
 class TaskMLPGenerator(PrototypeGenerator):
     def __init__(self, feature_dim: int, *, channels: int, size: int, hidden_dim: int, num_classes: int):
@@ -97,6 +111,12 @@ class TaskMLPGenerator(PrototypeGenerator):
     def forward(self, prototypes: torch.Tensor) -> torch.Tensor:
         return self.mlp(prototypes.reshape(1, -1)).reshape(len(prototypes), self.feature_dim)
 
+    def vjp(self, prototypes: torch.Tensor, grad_head: torch.Tensor) -> torch.Tensor:
+        first, _, last = self.mlp
+        active = (first(prototypes.reshape(1, -1)) > 0).to(grad_head.dtype)
+        grad_z = ((grad_head.reshape(1, -1) @ last.weight) * active) @ first.weight
+        return grad_z.reshape(prototypes.shape)
+
 
 class LinearHeadGenerator(Generator):
     def param_shape(self, num_classes: int) -> tuple[int, ...]:
@@ -109,6 +129,9 @@ class LinearHeadGenerator(Generator):
 
     def forward(self, heads: torch.Tensor) -> torch.Tensor:
         return heads
+
+    def vjp(self, heads: torch.Tensor, grad_head: torch.Tensor) -> torch.Tensor:
+        return grad_head
 
 
 def create_generator(kind: str, *, feature_dim: int, channels: int, size: int, hidden_dim: int,

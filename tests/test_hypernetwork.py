@@ -65,3 +65,15 @@ def test_frozen_classwise_generator_reaches_unseen_heads_that_task_mlp_cannot():
     paper = _fit_heads(_make("task-mlp", size=6, hidden=16), target)  # heads confined to a 16-dim span
     assert classwise < 1e-3
     assert paper > 0.2
+
+
+@pytest.mark.parametrize("kind", ["classwise", "task-mlp", "linear-head"])
+def test_vjp_matches_autograd(kind):
+    gen = _make(kind, num_classes=3).double()
+    with torch.no_grad():  # non-zero last layer so the MLP path contributes to the gradient
+        for p in gen.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    params = torch.randn(gen.param_shape(3), dtype=torch.float64, requires_grad=True)
+    grad_head = torch.randn(3, D, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(gen(params), params, grad_head)
+    assert torch.allclose(gen.vjp(params.detach(), grad_head), expected, rtol=1e-10, atol=1e-12)
