@@ -1,0 +1,269 @@
+"""Checkpoint -> bundle: export the three graphs, prove their parity, write manifest and task registry.
+
+Everything is written into a temporary sibling directory and moved into place at the end, so an
+export that fails (parity, a crash, Ctrl-C) leaves any previous bundle untouched.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pah_edge.atomic import fsync_dir, atomic_write_json
+from pah_edge.backbones import canonical_backbone_name
+from pah_edge.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME, Bundle, sha256_file,
+                             task_name_from, utc_now)
+from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
+from pah_edge.config import RunConfig, library_versions
+from pah_edge.errors import CheckpointError, ConfigError, DataError
+from pah_edge.export.graphs import BackboneGraph, GeneratorGraph, LearnerStepGraph
+from pah_edge.export.onnx_export import GRAPH_TOLERANCES, ExportError, OnnxGraph, onnx_from_torch, torch_outputs
+from pah_edge.export.parity_inputs import Inputs, backbone_inputs, learner_step_inputs, prototype_sets
+from pah_edge.hypernetwork import TaskMLPGenerator
+from pah_edge.metrics import summarize
+from pah_edge.model import PAHModel
+from pah_edge.preprocess import Preprocess
+
+EXPORTABLE_GENERATORS = ("classwise", "task-mlp")
+GRAPH_FILES = {"backbone": "backbone.onnx", "generator": "generator.onnx", "learner_step": "learner_step.onnx"}
+
+
+def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = 17, simplify: bool = True,
+                  images: Path | None = None, force: bool = False, backbone: str | None = None) -> dict:
+    """Export the run at ``checkpoint`` (run directory or its checkpoint.pt) as a bundle in ``out_dir``.
+
+    images: a folder whose first 16 images (recursive) join the backbone parity check. force: replace
+    an existing bundle. backbone: refuse a checkpoint of another backbone. Returns the report that is
+    also written to ``out_dir/report.json``; a parity failure raises ExportError and writes nothing.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise CheckpointError(f"no run at {checkpoint}: pass a run directory (holding {CHECKPOINT_NAME}) or the file itself")
+    ckpt_path = checkpoint / CHECKPOINT_NAME if checkpoint.is_dir() else checkpoint
+    out_dir = Path(out_dir)
+    _check_destination(out_dir, force)  # before minutes of export work
+    if images is not None and not Path(images).is_dir():
+        raise DataError(f"--images {images} is not a folder; give a folder of .png/.jpg images")
+    state = load_checkpoint(ckpt_path)
+    cfg = RunConfig.from_dict(state["config"])
+    _check_exportable(cfg, ckpt_path, backbone)
+    model = model_from_checkpoint(state).eval()
+    preprocess = Preprocess.from_dict(state["preprocess"])
+    tasks = _workstation_tasks(state, model)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        graphs = _export_graphs(model, preprocess, tasks, tmp, opset=opset, simplify=simplify, images=images)
+        manifest = _manifest(cfg, state, model, preprocess, graphs, ckpt_path, opset)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        bundle = Bundle.open(tmp)
+        for task in tasks:
+            bundle.add_task(name=task["name"], class_names=task["class_names"], prototypes=task["prototypes"],
+                            images_seen=task["images_seen"], accuracy=task["accuracy"], source="workstation")
+        report = _report(out_dir, ckpt_path, state, manifest, graphs, tasks, images)
+        atomic_write_json(tmp / "report.json", report)
+        _move_into_place(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def newest_run(runs_dir: Path, backbone: str) -> Path:
+    """The run directory under ``runs_dir`` with the newest checkpoint.pt whose backbone is ``backbone``."""
+    canonical = canonical_backbone_name(backbone)
+    candidates = []
+    for ckpt in Path(runs_dir).glob(f"*/{CHECKPOINT_NAME}"):
+        try:
+            config = json.loads((ckpt.parent / "config.json").read_text())["config"]
+            run_backbone = canonical_backbone_name(config["model"]["backbone"])
+        except (OSError, ValueError, KeyError, TypeError, ConfigError):
+            continue  # not a pah-edge run, or one this version cannot read: not a candidate
+        if run_backbone == canonical:
+            candidates.append((ckpt.stat().st_mtime, ckpt.parent))
+    if not candidates:
+        raise ConfigError(f"no {canonical} run in {runs_dir}/: train one with "
+                          f"`pah-edge train --backbone {canonical} --out {Path(runs_dir) / 'NAME'}`")
+    return max(candidates)[1]
+
+
+# --- checks ------------------------------------------------------------------------------------------
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    if not out_dir.exists():
+        return
+    if (out_dir / MANIFEST_NAME).is_file():
+        if not force:
+            raise ExportError(f"{out_dir} already holds a bundle; pass --force to replace it "
+                              "(its task registry goes with it) or choose another --out")
+    elif not out_dir.is_dir() or any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not a bundle; choose another --out or empty it")
+
+
+def _check_exportable(cfg: RunConfig, ckpt_path: Path, backbone: str | None) -> None:
+    if cfg.model.generator not in EXPORTABLE_GENERATORS:
+        raise ExportError(f"{ckpt_path} was trained with the {cfg.model.generator} generator (a stored head per "
+                          "task), which has no prototypes to learn on the device; export a run trained with "
+                          "--generator classwise or task-mlp")
+    if backbone is not None and canonical_backbone_name(backbone) != canonical_backbone_name(cfg.model.backbone):
+        raise ConfigError(f"{ckpt_path} is a {cfg.model.backbone} run, not {canonical_backbone_name(backbone)}; "
+                          f"pass --backbone {cfg.model.backbone} or another --checkpoint")
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+
+def _workstation_tasks(state: dict, model: PAHModel) -> list[dict]:
+    """The finished tasks as registry entries: valid unique names, prototypes, final test accuracy."""
+    final_row = state["acc_matrix"][-1] if state["acc_matrix"] else []
+    tasks, names = [], set()
+    for i, record in enumerate(state["tasks"][: model.num_tasks]):
+        name = task_name_from(record["name"])
+        while name in names:  # two folders that differ only in characters a file name cannot hold
+            name = f"{name[:60]}-{i}"
+        names.add(name)
+        tasks.append({"name": name, "class_names": list(record["class_names"]),
+                      "prototypes": model.task_params[i].detach().cpu().numpy().astype(np.float32),
+                      "images_seen": int(record["train_size"]),
+                      "accuracy": float(final_row[i]) if i < len(final_row) else None})
+    return tasks
+
+
+def _export_graphs(model: PAHModel, preprocess: Preprocess, tasks: list[dict], out: Path, *, opset: int,
+                   simplify: bool, images: Path | None) -> dict[str, OnnxGraph]:
+    """Export backbone, generator and learner step into ``out``, each checked on the parity inputs."""
+    generator = model.generator
+    fixed = _fixed_num_classes(generator)
+    task_protos: Inputs = [(t["name"], t["prototypes"]) for t in tasks]
+    images_in = [torch.from_numpy(a) for _, a in backbone_inputs(preprocess, task_protos, images)]
+    shape = (generator.channels, generator.size, generator.size)
+    proto_sets = [a for _, a in prototype_sets(task_protos, shape, fixed)]
+    backbone_graph = BackboneGraph(model.backbone).eval()
+    features = np.concatenate([torch_outputs(backbone_graph, (x,), ["features"])["features"] for x in images_in])
+    steps = [tuple(map(torch.from_numpy, batch)) for batch in learner_step_inputs(proto_sets, features)]
+    proto_sets = [torch.from_numpy(p) for p in proto_sets]
+    class_axis = {0: "C"} if fixed is None else {}
+    common = {"opset": opset, "simplify": simplify}
+    return {
+        "backbone": onnx_from_torch(
+            backbone_graph, (images_in[0],), out / GRAPH_FILES["backbone"],
+            input_names=["images"], output_names=["features"], dynamic_axes={"images": {0: "N"}, "features": {0: "N"}},
+            tolerance=GRAPH_TOLERANCES["backbone"], check_inputs=[(x,) for x in images_in[1:]], **common),
+        "generator": onnx_from_torch(
+            GeneratorGraph(generator), (proto_sets[0],), out / GRAPH_FILES["generator"],
+            input_names=["prototypes"], output_names=["head"],
+            dynamic_axes={"prototypes": class_axis, "head": class_axis},
+            tolerance=GRAPH_TOLERANCES["generator"], check_inputs=[(p,) for p in proto_sets[1:]], **common),
+        "learner_step": onnx_from_torch(
+            LearnerStepGraph(generator), steps[0], out / GRAPH_FILES["learner_step"],
+            input_names=["prototypes", "features", "labels"], output_names=["loss", "grad"],
+            dynamic_axes={"prototypes": class_axis, "features": {0: "N"}, "labels": {0: "N"}, "grad": class_axis},
+            tolerance=GRAPH_TOLERANCES["learner_step"], check_inputs=steps[1:], **common),
+    }
+
+
+def _fixed_num_classes(generator) -> int | None:
+    """The class count a task-mlp generator is built for; None for the class-wise one (any count)."""
+    return generator.num_classes if isinstance(generator, TaskMLPGenerator) else None
+
+
+# --- records -----------------------------------------------------------------------------------------
+
+
+def _manifest(cfg: RunConfig, state: dict, model: PAHModel, preprocess: Preprocess, graphs: dict[str, OnnxGraph],
+              ckpt_path: Path, opset: int) -> dict:
+    generator = model.generator
+    fixed = _fixed_num_classes(generator)
+    size, dim = preprocess.image_size, model.backbone.feature_dim
+    proto = [generator.channels, generator.size, generator.size]
+    shapes = {
+        "backbone": ({"images": [None, 3, size, size]}, {"features": [None, dim]}),
+        "generator": ({"prototypes": [fixed, *proto]}, {"head": [fixed, dim]}),
+        "learner_step": ({"prototypes": [fixed, *proto], "features": [None, dim], "labels": [None]},
+                         {"loss": [], "grad": [fixed, *proto]}),
+    }
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created": utc_now(),
+        "backbone": canonical_backbone_name(cfg.model.backbone),
+        "feature_dim": dim,
+        "preprocess": preprocess.to_dict(),
+        "input_channels": 3,
+        "prototype_shape": proto,
+        "generator": {"kind": cfg.model.generator, "num_classes": fixed},
+        "opset": opset,
+        "graphs": {name: {"file": GRAPH_FILES[name], "inputs": ins, "outputs": outs}
+                   for name, (ins, outs) in shapes.items()},
+        "files": {g.path.name: sha256_file(g.path) for g in graphs.values()},
+        "training": _training_metrics(ckpt_path, state),
+        "versions": _versions(),
+        "source_checkpoint": {"path": str(ckpt_path.resolve()), "sha256": sha256_file(ckpt_path)},
+    }
+
+
+def _training_metrics(ckpt_path: Path, state: dict) -> dict:
+    """The run's metrics.json, or the same summary rebuilt from the checkpoint when it is missing."""
+    try:
+        return json.loads((ckpt_path.parent / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return summarize(state["acc_matrix"]) if state["acc_matrix"] else {}
+
+
+def _versions() -> dict[str, str]:
+    versions = library_versions()
+    for dist in ("onnxslim", "onnxscript"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _report(out_dir: Path, ckpt_path: Path, state: dict, manifest: dict, graphs: dict[str, OnnxGraph],
+            tasks: list[dict], images: Path | None) -> dict:
+    done, total = len(tasks), len(state["tasks"])
+    return {
+        "bundle": str(out_dir),
+        "checkpoint": str(ckpt_path),
+        "created": manifest["created"],
+        "backbone": manifest["backbone"],
+        "generator": manifest["generator"],
+        "opset": manifest["opset"],
+        "tasks_exported": done,
+        "tasks_in_run": total,
+        "note": None if done == total else f"the run stopped after {done} of its {total} tasks; "
+                                           f"the bundle holds those {done}",
+        "parity_images": str(images) if images is not None else "task prototypes as images",
+        "graphs": {name: {"file": g.path.name, "size_mb": round(g.path.stat().st_size / 1e6, 3),
+                          "simplified": g.simplified, "inputs_checked": g.checked,
+                          "tracer_warnings": g.tracer_warnings,
+                          "tolerance": GRAPH_TOLERANCES[name].to_dict(), "errors": g.errors}
+                   for name, g in graphs.items()},
+        "tasks": [t["name"] for t in tasks],
+    }
+
+
+def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
+    """Rename ``tmp`` to ``out_dir``; an old bundle is renamed aside first and deleted only afterwards."""
+    _check_destination(out_dir, force)  # again: another export may have finished meanwhile
+    old = None
+    if out_dir.exists():
+        if (out_dir / MANIFEST_NAME).is_file():
+            old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old)  # onto the empty placeholder directory
+        else:
+            out_dir.rmdir()  # an empty directory
+    os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old)

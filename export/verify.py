@@ -1,0 +1,164 @@
+"""``pah-edge verify``: the same inputs through every runtime at hand, worst errors per graph and pair.
+
+ONNX Runtime (CPU) always runs. PyTorch is the reference when torch is installed and the bundle's
+source checkpoint is still where the export found it, unchanged; TensorRT runs each engine in
+``engines/`` when TensorRT and a GPU are present. Pairs are judged against the export's FP32
+tolerances (``GRAPH_TOLERANCES``); FP16 and INT8 engines only against loose sanity bounds, since
+reduced precision cannot meet FP32 numbers.
+
+Imports numpy only at module level: it runs on a device without torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pah_edge.bundle import Bundle, sha256_file
+from pah_edge.errors import PahEdgeError
+from pah_edge.export.onnx_export import GRAPH_TOLERANCES, Tolerance, merge_worst, parity
+from pah_edge.export.parity_inputs import backbone_inputs, learner_step_inputs, prototype_sets
+
+# Not FP32 parity: bounds that only catch a broken engine (wrong input layout, overflow, bad scales).
+REDUCED_PRECISION_TOLERANCES = {"fp16": Tolerance(rel=5e-2), "int8": Tolerance(rel=0.25)}
+
+IO_NAMES = {
+    "backbone": (["images"], ["features"]),
+    "generator": (["prototypes"], ["head"]),
+    "learner_step": (["prototypes", "features", "labels"], ["loss", "grad"]),
+}
+
+
+def verify_bundle(path: Path, *, images: Path | None = None) -> dict:
+    """Check hashes, run the parity inputs through each runtime, and compare; returns the report.
+
+    report["rows"]: one per graph, runtime and output: its worst "abs" and "rel" error against
+    report["reference"] (torch, else onnxruntime), the "tolerance" and whether it is "ok";
+    report["runtimes"]: "ok" or "skipped (reason)" per runtime; report["ok"]: every row within.
+    """
+    bundle = Bundle.open(path)  # raises BundleError on any hash mismatch
+    feeds = _feeds(bundle, images)
+    outputs: dict[str, dict[str, list[dict]]] = {}  # runtime -> graph -> outputs per feed
+    status: dict[str, str] = {}
+    tolerances: dict[str, dict[str, Tolerance]] = {}  # runtime -> graph -> tolerance
+
+    outputs["onnxruntime"] = {g: _run_onnxruntime(bundle.graph_path(g), f) for g, f in feeds.items()}
+    status["onnxruntime"] = "ok"
+    torch_outputs, status["torch"] = _run_torch(bundle, feeds)
+    if torch_outputs is not None:
+        outputs["torch"] = torch_outputs
+    for name, (engine_outputs, why, tolerance) in _run_engines(bundle, feeds).items():
+        status[name] = why
+        if engine_outputs is not None:
+            outputs[name], tolerances[name] = engine_outputs, tolerance
+
+    reference = "torch" if "torch" in outputs else "onnxruntime"
+    rows = []
+    for runtime, per_graph in outputs.items():
+        if runtime == reference:
+            continue
+        for graph, results in per_graph.items():
+            tolerance = tolerances.get(runtime, {}).get(graph, GRAPH_TOLERANCES[graph])
+            errors = merge_worst(*(parity(a, b) for a, b in zip(results, outputs[reference][graph])))
+            for output, err in errors.items():
+                ok = not tolerance.violations({output: err})
+                rows.append({"graph": graph, "runtime": runtime, "reference": reference, "output": output, **err,
+                             "tolerance": tolerance.to_dict(), "ok": ok})
+    return {"bundle": str(bundle.path), "inputs": {g: len(f) for g, f in feeds.items()}, "runtimes": status,
+            "reference": reference, "rows": rows, "ok": all(r["ok"] for r in rows)}
+
+
+def _feeds(bundle: Bundle, images: Path | None) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per graph, the input batches: the export's parity inputs rebuilt from the bundle alone."""
+    tasks = [(t.name, bundle.load_prototypes(t.name)) for t in bundle.tasks()]
+    image_batches = [a for _, a in backbone_inputs(bundle.preprocess, tasks, images)]
+    proto_sets = [a for _, a in prototype_sets(tasks, bundle.prototype_shape, bundle.fixed_num_classes)]
+    # The learner step needs features; ONNX Runtime's are the ones every runtime can reproduce.
+    backbone = _run_onnxruntime(bundle.graph_path("backbone"), [{"images": x} for x in image_batches])
+    features = np.concatenate([o["features"] for o in backbone])
+    return {
+        "backbone": [{"images": x} for x in image_batches],
+        "generator": [{"prototypes": p} for p in proto_sets],
+        "learner_step": [dict(zip(IO_NAMES["learner_step"][0], batch))
+                         for batch in learner_step_inputs(proto_sets, features)],
+    }
+
+
+def _run_onnxruntime(graph: Path, feeds: list[dict]) -> list[dict]:
+    from pah_edge.device.runtimes import create_runner
+
+    with create_runner("onnxruntime-cpu", graph) as runner:
+        return [runner.infer(f) for f in feeds]
+
+
+def _run_torch(bundle: Bundle, feeds: dict) -> tuple[dict | None, str]:
+    """(outputs per graph, "ok") from the source checkpoint's model, or (None, "skipped (reason)")."""
+    if importlib.util.find_spec("torch") is None:
+        return None, "skipped (torch is not installed)"
+    source = bundle.manifest.get("source_checkpoint") or {}
+    checkpoint = Path(source.get("path", ""))
+    if not source.get("path") or not checkpoint.is_file():
+        return None, f"skipped (source checkpoint {checkpoint} is not on this machine)"
+    if sha256_file(checkpoint) != source.get("sha256"):
+        return None, f"skipped ({checkpoint} changed since the export)"
+    from pah_edge.checkpoint import load_checkpoint, model_from_checkpoint
+    from pah_edge.device.runtimes import create_runner
+    from pah_edge.export.graphs import BackboneGraph, GeneratorGraph, LearnerStepGraph
+
+    model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
+    modules = {"backbone": BackboneGraph(model.backbone), "generator": GeneratorGraph(model.generator),
+               "learner_step": LearnerStepGraph(model.generator)}
+    results = {}
+    for graph, module in modules.items():
+        inputs, outputs = IO_NAMES[graph]
+        specs = {n: (None, np.dtype(np.int64 if n == "labels" else np.float32)) for n in inputs}
+        with create_runner("torch", module=module, input_names=inputs, output_names=outputs,
+                           input_specs=specs) as runner:
+            results[graph] = [runner.infer(f) for f in feeds[graph]]
+    return results, "ok"
+
+
+def _run_engines(bundle: Bundle, feeds: dict) -> dict[str, tuple[dict | None, str, dict]]:
+    """Per engine ``engines/<graph>.<precision>.engine``: (outputs, status, tolerance per graph)."""
+    engines = sorted((bundle.path / "engines").glob("*.engine"))
+    if not engines:
+        return {"tensorrt": (None, f"skipped (no engines in {bundle.path / 'engines'})", {})}
+    from pah_edge.device.runtimes import create_runner
+
+    results = {}
+    for engine in engines:
+        graph, _, precision = engine.name.removesuffix(".engine").partition(".")
+        name = f"tensorrt-{precision or 'engine'}"
+        if graph not in feeds:
+            results[name] = (None, f"skipped ({engine.name} is not an engine of a bundle graph)", {})
+            continue
+        tolerance = REDUCED_PRECISION_TOLERANCES.get(precision, GRAPH_TOLERANCES[graph])
+        try:
+            with create_runner("tensorrt", engine) as runner:
+                max_batch = _max_batch(engine)
+                outs = [_infer_in_chunks(runner, f, max_batch) for f in feeds[graph]]
+        except (ImportError, PahEdgeError) as exc:
+            results[name] = (None, f"skipped ({exc})", {})
+            continue
+        results[name] = ({graph: outs}, "ok", {graph: tolerance})
+    return results
+
+
+def _max_batch(engine: Path) -> int:
+    """The engine profile's largest batch, from its build record (1 when unknown)."""
+    from pah_edge.device.runtimes import sidecar_path
+
+    try:
+        return int(json.loads(sidecar_path(engine).read_text())["profile"]["max"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return 1
+
+
+def _infer_in_chunks(runner, feeds: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
+    """Batches beyond the engine's profile run in slices along the first axis, then are joined."""
+    n = len(next(iter(feeds.values())))
+    parts = [runner.infer({k: v[i : i + max_batch] for k, v in feeds.items()}) for i in range(0, n, max_batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

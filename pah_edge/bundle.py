@@ -1,0 +1,308 @@
+"""The deployable bundle: exported graphs, the preprocessing record, and a registry of learned tasks.
+
+Layout of a bundle directory::
+
+    manifest.json          immutable after export: shapes, preprocessing, SHA-256 of every graph
+    backbone.onnx          images [N, 3, S, S] -> features [N, D]
+    generator.onnx         prototypes [C, c, s, s] -> head [C, D]
+    learner_step.onnx      (prototypes, features, labels) -> (loss, grad w.r.t. prototypes)
+    report.json            the export's parity report
+    tasks/registry.json    mutable: one entry per task (name, class names, file, SHA-256, ...)
+    tasks/<name>.npz       key "prototypes": float32 [C, c, s, s]
+    engines/               TensorRT engines; device-specific, so not hashed in the manifest
+
+Imports numpy, never torch: the device reads and extends bundles with this module. Every write is
+atomic (``pah_edge.atomic``); a task's file is written before the registry entry that names it, so
+a crash leaves at worst an unreferenced file, never an entry without its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import dataclasses
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pah_edge.atomic import atomic_write_bytes, atomic_write_json
+from pah_edge.errors import PahEdgeError
+from pah_edge.preprocess import Preprocess
+
+BUNDLE_FORMAT = "pah-edge-bundle"
+BUNDLE_FORMAT_VERSION = 1
+REGISTRY_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REGISTRY_PATH = "tasks/registry.json"
+GRAPH_NAMES = ("backbone", "generator", "learner_step")
+TASK_SOURCES = ("workstation", "device")
+PROTOTYPES_KEY = "prototypes"
+
+_NAME_CHARS = re.compile(r"[A-Za-z0-9._-]+")
+_MAX_NAME = 64
+
+
+class BundleError(PahEdgeError):
+    """A bundle is missing, incompatible, corrupt, or a task operation on it is invalid."""
+
+
+def validate_task_name(name: str) -> str:
+    """Return ``name`` if it is a safe task name (also used as a file name), else raise BundleError."""
+    rule = f"1 to {_MAX_NAME} characters of A-Z a-z 0-9 . _ -, not starting with '.'"
+    if not isinstance(name, str) or not 1 <= len(name) <= _MAX_NAME or not _NAME_CHARS.fullmatch(name) \
+            or name.startswith("."):
+        raise BundleError(f"invalid task name {name!r}: use {rule}")
+    return name
+
+
+def task_name_from(text: str) -> str:
+    """A valid task name made from free text (e.g. a folder name): bad characters become '_'."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")[:_MAX_NAME]
+    return name or "task"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp to the second, e.g. 2025-01-31T12:00:00Z."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One registry entry. ``accuracy`` is a fraction in [0, 1] or None; ``bytes`` is the npz size."""
+
+    name: str
+    class_names: tuple[str, ...]
+    file: str  # relative to the bundle root, e.g. "tasks/cats.npz"
+    sha256: str
+    images_seen: int
+    accuracy: float | None
+    created: str
+    bytes: int
+    source: str  # "workstation" (exported) or "device" (learned on the device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "class_names": list(self.class_names)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskRecord:
+        try:
+            record = cls(name=d["name"], class_names=tuple(d["class_names"]), file=d["file"], sha256=d["sha256"],
+                         images_seen=int(d["images_seen"]), accuracy=d["accuracy"], created=d["created"],
+                         bytes=int(d["bytes"]), source=d["source"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"a task entry in {REGISTRY_PATH} is malformed ({exc!r}); "
+                              "restore the file or re-export the bundle") from None
+        return record
+
+
+class Bundle:
+    """An exported bundle on disk. Open with :meth:`Bundle.open`; the manifest is read once."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self.preprocess = Preprocess.from_dict(manifest["preprocess"])
+        self.feature_dim: int = int(manifest["feature_dim"])
+        self.prototype_shape: tuple[int, int, int] = tuple(manifest["prototype_shape"])
+        self.generator_kind: str = manifest["generator"]["kind"]
+        # task-mlp generators take a fixed number of classes per task; None means any number >= 2.
+        self.fixed_num_classes: int | None = manifest["generator"]["num_classes"]
+        self.files: dict[str, str] = dict(manifest["files"])  # file name -> SHA-256
+
+    # --- opening -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify: bool = True) -> Bundle:
+        """Read ``path``'s manifest; ``verify`` also checks every graph file against its SHA-256."""
+        path = Path(path)
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            what = "no bundle" if not path.exists() else "no manifest.json"
+            raise BundleError(f"{what} at {path}: run `pah-edge export` first")
+        manifest = _read_json(manifest_path, fix="re-export the bundle")
+        _check_format(manifest, path)
+        try:
+            bundle = cls(path, manifest)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{manifest_path} lacks or mangles {exc}; re-export the bundle") from None
+        if verify:
+            bundle.verify_files()
+        return bundle
+
+    def verify_files(self) -> None:
+        """Check every file listed in ``manifest["files"]`` against its recorded SHA-256."""
+        for name, expected in self.files.items():
+            file = self.path / name
+            if not file.is_file():
+                raise BundleError(f"{name} is missing from {self.path}; re-export the bundle")
+            if sha256_file(file) != expected:
+                raise BundleError(f"{name} does not match its SHA-256 in manifest.json (changed or corrupt); "
+                                  "re-export the bundle")
+
+    def graph_path(self, name: str) -> Path:
+        """Path of the ONNX graph ``name``: one of backbone, generator, learner_step."""
+        graphs = self.manifest["graphs"]
+        if name not in graphs:
+            raise BundleError(f"no graph {name!r} in {self.path}; choose one of: {', '.join(graphs)}")
+        return self.path / graphs[name]["file"]
+
+    # --- the task registry -------------------------------------------------------------------------
+
+    def tasks(self) -> list[TaskRecord]:
+        """Registered tasks in registration order (an absent registry means none)."""
+        registry = self.path / REGISTRY_PATH
+        if not registry.is_file():
+            return []
+        data = _read_json(registry, fix="restore it or re-export the bundle")
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if isinstance(version, int) and version > REGISTRY_FORMAT_VERSION:
+            raise BundleError(f"{registry} has format {version}, newer than this pah-edge reads "
+                              f"({REGISTRY_FORMAT_VERSION}); upgrade pah-edge")
+        if version != REGISTRY_FORMAT_VERSION or not isinstance(data.get("tasks"), list):
+            raise BundleError(f"{registry} is not a task registry this pah-edge reads; restore it or re-export the bundle")
+        return [TaskRecord.from_dict(d) for d in data["tasks"]]
+
+    def task(self, name: str) -> TaskRecord:
+        for record in self.tasks():
+            if record.name == name:
+                return record
+        known = ", ".join(r.name for r in self.tasks()) or "none"
+        raise BundleError(f"no task {name!r} in {self.path}; registered tasks: {known}")
+
+    def load_prototypes(self, name: str) -> np.ndarray:
+        """The task's prototypes, float32 [C, c, s, s], after checking the file's SHA-256."""
+        record = self.task(name)
+        file = self._task_file(record)
+        if not file.is_file():
+            raise BundleError(f"{record.file} of task {name!r} is missing; learn the task again or re-export the bundle")
+        if sha256_file(file) != record.sha256:
+            raise BundleError(f"{record.file} does not match its SHA-256 in {REGISTRY_PATH} (changed or corrupt); "
+                              f"learn task {name!r} again or re-export the bundle")
+        with np.load(file, allow_pickle=False) as npz:
+            prototypes = np.asarray(npz[PROTOTYPES_KEY], dtype=np.float32)
+        self._check_prototypes(prototypes, len(record.class_names))
+        return prototypes
+
+    def add_task(self, *, name: str, class_names, prototypes: np.ndarray, images_seen: int,
+                 accuracy: float | None, source: str, replace: bool = False) -> TaskRecord:
+        """Store a task's prototypes and register it; ``replace`` overwrites a task of the same name.
+
+        The npz is written (atomically) before the registry, so a crash in between leaves an orphan
+        file, never a registry entry without its file.
+        """
+        validate_task_name(name)
+        class_names = tuple(str(c) for c in class_names)
+        prototypes = np.ascontiguousarray(prototypes, dtype=np.float32)
+        self._check_prototypes(prototypes, len(class_names))
+        if source not in TASK_SOURCES:
+            raise ValueError(f"source must be one of {TASK_SOURCES}, got {source!r}")
+        if accuracy is not None and not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"accuracy is a fraction in [0, 1], got {accuracy!r}")
+        records = self.tasks()
+        old = next((r for r in records if r.name == name), None)
+        if old is not None and not replace:
+            raise BundleError(f"task {name!r} already exists in {self.path}; pass --replace to overwrite it "
+                              "or choose another name")
+        buffer = io.BytesIO()
+        np.savez(buffer, **{PROTOTYPES_KEY: prototypes})
+        data = buffer.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        file = self._free_task_file(name, sha, taken={r.file for r in records})
+        atomic_write_bytes(self.path / file, data)
+        record = TaskRecord(name=name, class_names=class_names, file=file, sha256=sha, images_seen=int(images_seen),
+                            accuracy=None if accuracy is None else float(accuracy), created=utc_now(),
+                            bytes=len(data), source=source)
+        if old is None:
+            records.append(record)
+        else:
+            records = [record if r.name == name else r for r in records]
+        self._write_registry(records)
+        if old is not None and old.file != file:
+            (self.path / old.file).unlink(missing_ok=True)
+        return record
+
+    def remove_task(self, name: str) -> None:
+        """Unregister a task, then delete its file (a crash in between leaves only an orphan file)."""
+        record = self.task(name)
+        self._write_registry([r for r in self.tasks() if r.name != name])
+        self._task_file(record).unlink(missing_ok=True)
+
+    def rename_task(self, old: str, new: str) -> None:
+        """Rename a task in the registry; its file keeps its name (the registry maps names to files)."""
+        validate_task_name(new)
+        self.task(old)
+        records = self.tasks()
+        if any(r.name == new for r in records):
+            raise BundleError(f"task {new!r} already exists in {self.path}; remove it first or choose another name")
+        self._write_registry([dataclasses.replace(r, name=new) if r.name == old else r for r in records])
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _check_prototypes(self, prototypes: np.ndarray, num_class_names: int) -> None:
+        shape = tuple(prototypes.shape)
+        if prototypes.ndim != 4 or shape[1:] != self.prototype_shape:
+            expected = ", ".join(map(str, self.prototype_shape))
+            raise BundleError(f"prototypes have shape {list(shape)}, this bundle needs [C, {expected}]")
+        classes = shape[0]
+        if classes < 2:
+            raise BundleError(f"a task needs at least 2 classes, got {classes}")
+        if classes != num_class_names:
+            raise BundleError(f"{classes} prototypes but {num_class_names} class names; give one name per class")
+        if self.fixed_num_classes is not None and classes != self.fixed_num_classes:
+            raise BundleError(f"this bundle's task-mlp generator takes exactly {self.fixed_num_classes} classes per "
+                              f"task, got {classes}; export a run trained with --generator classwise for any count")
+        if not np.isfinite(prototypes).all():
+            raise BundleError("prototypes contain NaN or infinity; learn the task again")
+
+    def _task_file(self, record: TaskRecord) -> Path:
+        # The registry is user-editable: never follow a name out of tasks/.
+        relative = Path(record.file)
+        if relative.parent != Path("tasks") or relative.name in ("", ".", "..") or relative.is_absolute():
+            raise BundleError(f"task {record.name!r} points outside tasks/ ({record.file!r}); "
+                              "restore tasks/registry.json or re-export the bundle")
+        return self.path / relative
+
+    def _free_task_file(self, name: str, sha: str, *, taken: set[str]) -> str:
+        """``tasks/<name>.npz`` unless that path exists (a replaced or renamed task still uses it)."""
+        candidates = (f"tasks/{name}.npz", f"tasks/{name}.{sha[:12]}.npz")
+        free = (c for c in candidates if c not in taken and not (self.path / c).exists())
+        # The content-named file, if it exists, already holds these very bytes: rewriting it is harmless.
+        return next(free, candidates[1])
+
+    def _write_registry(self, records: list[TaskRecord]) -> None:
+        atomic_write_json(self.path / REGISTRY_PATH,
+                          {"format_version": REGISTRY_FORMAT_VERSION, "tasks": [r.to_dict() for r in records]})
+
+
+def _read_json(path: Path, *, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
+
+
+def _check_format(manifest: Any, path: Path) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path / MANIFEST_NAME} is not a pah-edge bundle manifest; re-export with `pah-edge export`")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"bundle format {version} is newer than this pah-edge reads ({BUNDLE_FORMAT_VERSION}); "
+                          "upgrade pah-edge")
+    if version != BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"bundle format {version!r} is not supported (this pah-edge reads {BUNDLE_FORMAT_VERSION}); "
+                          "re-export the bundle with `pah-edge export`")
