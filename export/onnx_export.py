@@ -31,18 +31,25 @@ class ExportError(PahEdgeError):
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Worst allowed error of one output: ``abs`` = max |a - b|, ``rel`` = max |a - b| / max |b|."""
+    """Worst allowed error of one output: ``abs`` = max |a - b|, ``rel`` = max |a - b| / max |b|.
+
+    With both limits an output passes when either holds (like ``np.allclose``): FP32 kernels differ
+    by a few ulps of the output's scale, so features of magnitude ~20 legitimately miss an absolute
+    1e-4 while agreeing to 1e-6 relative.
+    """
 
     abs: float | None = None
     rel: float | None = None
 
     def violations(self, errors: Mapping[str, Mapping[str, float]]) -> list[str]:
         """Human-readable violations, e.g. ``"features abs 3.1e-04 > 1e-04"``; empty when within."""
+        limits = [(kind, limit) for kind, limit in (("abs", self.abs), ("rel", self.rel)) if limit is not None]
         found = []
         for output, err in errors.items():
-            for kind, limit in (("abs", self.abs), ("rel", self.rel)):
-                if limit is not None and not err[kind] < limit:  # `not <` also catches NaN
-                    found.append(f"{output} {kind} {err[kind]:.2e} > {limit:.0e}")
+            # `not <` also catches NaN
+            missed = [f"{kind} {err[kind]:.2e} > {limit:.0e}" for kind, limit in limits if not err[kind] < limit]
+            if limits and len(missed) == len(limits):
+                found.append(f"{output} {' and '.join(missed)}")
         return found
 
     def to_dict(self) -> dict[str, float | None]:
@@ -51,7 +58,7 @@ class Tolerance:
 
 # The export's FP32 contract, per graph; `pah-edge verify` holds runtimes to the same numbers.
 GRAPH_TOLERANCES = {
-    "backbone": Tolerance(abs=1e-4),
+    "backbone": Tolerance(abs=1e-4, rel=1e-5),
     "generator": Tolerance(abs=1e-5),
     "learner_step": Tolerance(rel=1e-4),
 }

@@ -18,12 +18,15 @@ a crash leaves at worst an unreferenced file, never an entry without its file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import dataclasses
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +46,9 @@ REGISTRY_PATH = "tasks/registry.json"
 GRAPH_NAMES = ("backbone", "generator", "learner_step")
 TASK_SOURCES = ("workstation", "device")
 PROTOTYPES_KEY = "prototypes"
+LOCK_NAME = ".lock"
+
+log = logging.getLogger("pah_edge")
 
 _NAME_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 _MAX_NAME = 64
@@ -160,6 +166,43 @@ class Bundle:
         if name not in graphs:
             raise BundleError(f"no graph {name!r} in {self.path}; choose one of: {', '.join(graphs)}")
         return self.path / graphs[name]["file"]
+
+    @contextlib.contextmanager
+    def lock(self, wait_s: float | None = None):
+        """Hold the bundle's exclusive lock (flock on ``<bundle>/.lock``) while changing its tasks.
+
+        A busy lock is logged and awaited up to ``wait_s`` s (None: forever), then BundleError. Once
+        held, task files no registry entry names (a crash between a task's file and its entry leaves
+        one) and interrupted atomic writes are deleted, so whoever calls ``add_task`` on a bundle that
+        other processes use must hold this lock.
+        """
+        import fcntl  # POSIX; imported here so that reading a bundle works everywhere
+
+        def acquired() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise BundleError(f"cannot create {self.path / LOCK_NAME} ({exc.strerror}); make {self.path} "
+                              "writable") from None
+        try:
+            if not acquired():
+                log.info("waiting for another pah-edge process to finish with %s", self.path)
+                deadline = None if wait_s is None else time.monotonic() + wait_s
+                while not acquired():
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise BundleError(f"{self.path} is busy (another learn-task is running); "
+                                          "try again when it finishes")
+                    time.sleep(0.1)
+            self._remove_orphans()
+            yield self
+        finally:
+            os.close(fd)  # releases the flock
 
     # --- the task registry -------------------------------------------------------------------------
 
@@ -283,6 +326,14 @@ class Bundle:
         free = (c for c in candidates if c not in taken and not (self.path / c).exists())
         # The content-named file, if it exists, already holds these very bytes: rewriting it is harmless.
         return next(free, candidates[1])
+
+    def _remove_orphans(self) -> None:
+        referenced = {r.file for r in self.tasks()}
+        for file in (self.path / "tasks").glob("*"):
+            orphan = file.suffix == ".npz" and f"tasks/{file.name}" not in referenced
+            if orphan or (file.name.startswith(".") and file.name.endswith(".tmp")):
+                file.unlink(missing_ok=True)
+                log.info("removed %s, left by an interrupted write", file)
 
     def _write_registry(self, records: list[TaskRecord]) -> None:
         atomic_write_json(self.path / REGISTRY_PATH,

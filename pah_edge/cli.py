@@ -95,7 +95,187 @@ def train(
                f"BWT {100 * metrics['bwt']:+.2f}%  -> {out / 'metrics.json'}")
 
 
+@app.command("learn-task")
+@user_errors
+def learn_task(
+    folder: Path = typer.Argument(..., help="The new task's images: FOLDER/<class>/*.png|jpg|jpeg|bmp, 2 classes or more."),
+    bundle: Path = typer.Option(Path("bundle"), help="Bundle directory written by `pah-edge export`."),
+    name: Optional[str] = typer.Option(None, help="Task name (default: the folder's name)."),
+    budget_mb: float = typer.Option(300, help="Memory budget in MB; sets the backbone batch size."),
+    runtime: str = typer.Option("auto", help="auto (TensorRT engine if built, else ONNX Runtime), tensorrt, onnxruntime."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite a task of the same name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object (and nothing else) on stdout."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars (on stderr)."),
+):
+    """Learn a new task on this device: only its prototypes; old tasks stay bit-identical."""
+    import json
+
+    from pah_edge.bundle import Bundle
+    from pah_edge.device.learner import learn_task as learn, summary_line
+
+    report = learn(Bundle.open(bundle), folder, name=name, budget_mb=budget_mb, runtime=runtime, replace=replace,
+                   progress=progress)
+    typer.echo(json.dumps(report) if as_json else summary_line(report))
+
+
 ENGINE_PRECISIONS = ("fp16", "fp32", "int8")
+
+
+@app.command()
+@user_errors
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
+    bundle: Path = typer.Option(Path("bundle"), help="Bundle directory written by `pah-edge export`."),
+    task: Optional[str] = typer.Option(None, help="Predict this task's classes (default: the only or the newest task)."),
+    any_task: bool = typer.Option(False, "--any-task", help="Score every task; keep the (task, class) of highest confidence."),
+    runtime: str = typer.Option("auto", help="auto (TensorRT engine if built, else ONNX Runtime), tensorrt, onnxruntime."),
+    batch_size: int = typer.Option(32, help="Images per backbone call."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON list of {path, task, label, confidence}."),
+):
+    """Predict the class of each image with a bundle's tasks: `path  task/label  confidence`."""
+    import json
+
+    from pah_edge.bundle import Bundle
+    from pah_edge.device.predict import Predictor, check_task_choice
+
+    check_task_choice(task, any_task)  # before the runtimes start
+    with Predictor(Bundle.open(bundle), runtime=runtime) as predictor:
+        results = predictor.predict(images, task=task, any_task=any_task, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        for line in _prediction_lines(results):
+            typer.echo(line)
+
+
+def _prediction_lines(results: list[dict]) -> list[str]:
+    """``path  task/label  97.1%`` per result, columns aligned."""
+    return _aligned([(r["path"], f"{r['task']}/{r['label']}", f"{100 * r['confidence']:.1f}%") for r in results],
+                    right={2})
+
+
+def _aligned(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:
+    """Rows as lines of columns two spaces apart, never wrapped (logs and pipes read them line by line)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+    return ["  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in rows]
+
+
+tasks_app = typer.Typer(help="List a bundle's tasks; `remove` or `rename` one.", no_args_is_help=False)
+app.add_typer(tasks_app, name="tasks")
+BUNDLE_HELP = "Bundle directory written by `pah-edge export`."
+# A subcommand's own --bundle wins; without it, `tasks --bundle B remove NAME` means B, not ./bundle.
+SUB_BUNDLE_OPTION = typer.Option(None, "--bundle", help=f"{BUNDLE_HELP} (default: the --bundle given to `tasks`, else ./bundle)")
+
+
+@tasks_app.callback(invoke_without_command=True)
+@user_errors
+def tasks_list(
+    ctx: typer.Context,
+    bundle: Path = typer.Option(Path("bundle"), help=BUNDLE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the registry entries as one JSON list."),
+):
+    """List a bundle's tasks: classes, images seen, accuracy, created, size, source."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+
+    from pah_edge.bundle import Bundle
+
+    records = Bundle.open(bundle, verify=False).tasks()  # listing reads the registry only
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
+    elif not records:
+        typer.echo(f"no tasks in {bundle}: learn one with `pah-edge learn-task FOLDER --bundle {bundle}`")
+    else:
+        _print_tasks(records)
+
+
+@tasks_app.command("remove")
+@user_errors
+def tasks_remove(ctx: typer.Context, name: str = typer.Argument(..., help="Task to remove."),
+                 bundle: Optional[Path] = SUB_BUNDLE_OPTION):
+    """Unregister a task and delete its prototypes file."""
+    path = _change_tasks(ctx, bundle, lambda opened: opened.remove_task(name))
+    typer.echo(f"removed task {name!r} from {path}")
+
+
+@tasks_app.command("rename")
+@user_errors
+def tasks_rename(ctx: typer.Context, old: str = typer.Argument(..., help="Current task name."),
+                 new: str = typer.Argument(..., help="New task name (A-Z a-z 0-9 . _ -)."),
+                 bundle: Optional[Path] = SUB_BUNDLE_OPTION):
+    """Rename a task; its prototypes are unchanged."""
+    path = _change_tasks(ctx, bundle, lambda opened: opened.rename_task(old, new))
+    typer.echo(f"renamed task {old!r} to {new!r} in {path}")
+
+
+def _change_tasks(ctx: typer.Context, bundle: Optional[Path], change) -> Path:
+    """Apply ``change(Bundle)`` under the bundle's lock, awaited as long as learn-task awaits it."""
+    from pah_edge.bundle import Bundle
+    from pah_edge.device.learner import LOCK_WAIT_S
+
+    path = bundle if bundle is not None else ctx.parent.params["bundle"]
+    opened = Bundle.open(path, verify=False)  # the registry only: graph hashes do not matter here
+    with opened.lock(LOCK_WAIT_S):
+        change(opened)
+    return path
+
+
+def _print_tasks(records) -> None:
+    rows = [("task", "classes", "images", "accuracy", "created (UTC)", "bytes", "source")]
+    for r in records:
+        names = ", ".join(r.class_names[:3]) + (", ..." if len(r.class_names) > 3 else "")
+        accuracy = "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
+        rows.append((r.name, f"{len(r.class_names)} ({names})", str(r.images_seen), accuracy,
+                     r.created.replace("T", " ").removesuffix("Z")[:16], str(r.bytes), r.source))
+    for line in _aligned(rows, right={2, 3, 5}):
+        typer.echo(line)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("demo"), help="Folder for the run, the bundle, the images and summary.json."),
+    epochs: int = typer.Option(1, help="Epochs per task of the base training."),
+    limit_per_class: int = typer.Option(200, help="Images per class and split of the base training."),
+    force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier demo in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """The main job end to end, offline on the CPU: train, export, learn a new task as a device does, predict."""
+    from pah_edge.demo import run_demo
+
+    summary = run_demo(out, epochs=epochs, limit_per_class=limit_per_class, force=force, progress=progress)
+    _print_demo_summary(summary, out)
+
+
+def _print_demo_summary(s: dict, out: Path) -> None:
+    def pct(fraction) -> str:
+        return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+
+    def held(key: str) -> str:
+        return f"{pct(s['held_out'][key]['accuracy'])} of {s['held_out'][key]['images']}"
+
+    base, new = s["base"], s["new_task"]
+    lines = [
+        f"base PAH ({base['backbone']}, {base['tasks']} Split-Fashion-MNIST tasks): average accuracy "
+        f"{pct(base['average_accuracy'])}, forgetting {pct(base['forgetting'])}",
+        f"export: parity with PyTorch OK (worst absolute error {max(s['export']['worst_abs_error'].values()):.1e})",
+        f"new task {new['name']!r} learned as on a device ({new['runtime']}, {new['classes']} classes, "
+        f"{new['wall_seconds']:.1f} s): train {pct(new['train_accuracy'])}, val {pct(new['val_accuracy'])}",
+        f"old tasks unchanged: {'yes' if s['old_tasks_unchanged'] else 'NO'}",
+        f"held-out digits, --task {new['name']}: {held('digits_with_task')} "
+        f"(nearest class mean on the same features: {held('digits_nearest_class_mean')})",
+        f"held-out clothes, their task given: {held('fashion_with_task')}",
+        f"--any-task (highest confidence over all tasks): digits {held('digits_any_task')}, "
+        f"clothes {held('fashion_any_task')}",
+        "examples (--any-task):",
+        *(f"  {line}" for line in _prediction_lines(s["examples"])),
+        "seconds per stage: " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in s["seconds"].items()),
+        f"summary -> {out / 'summary.json'}",
+    ]
+    for line in lines:
+        typer.echo(line)
 
 
 @app.command()
@@ -180,7 +360,7 @@ def verify(
 
 
 def _tolerance_text(tolerance: dict) -> str:
-    return " ".join(f"{kind}<{limit:.0e}" for kind, limit in tolerance.items() if limit is not None)
+    return " or ".join(f"{kind}<{limit:.0e}" for kind, limit in tolerance.items() if limit is not None)
 
 
 def _print_export_report(report: dict) -> None:
@@ -209,7 +389,8 @@ def _print_verify_report(report: dict) -> None:
         typer.echo(f"{runtime}: {state}")
     table = Table(title=f"{report['bundle']}: worst errors vs {report['reference']}")
     for column in ("graph", "runtime", "output", "abs err", "rel err", "limit", "ok"):
-        table.add_column(column, justify="right" if column.endswith("err") else "left")
+        table.add_column(column, justify="right" if column.endswith("err") else "left",
+                         no_wrap=column != "limit")  # names stay whole; the limit text may wrap
     for row in report["rows"]:
         table.add_row(row["graph"], row["runtime"], row["output"], f"{row['abs']:.1e}", f"{row['rel']:.1e}",
                       _tolerance_text(row["tolerance"]), "yes" if row["ok"] else "NO")
@@ -241,7 +422,7 @@ def main() -> None:
         # Typer vendors Click's UsageError (exit code 2); match it by shape, not by a private import.
         if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
             raise
-        message = exc.format_message()
+        message = exc.format_message().rstrip(".")
         if not message:  # bare `pah-edge`: the help text was the answer
             sys.exit(0)
         ctx = getattr(exc, "ctx", None)

@@ -244,3 +244,11 @@ def test_verify_passes_a_good_bundle(runs, bundles):
     assert result.exit_code == 0, result.output
     assert "torch: ok" in result.output and "tensorrt: skipped" in result.output
     assert " NO " not in result.output and "learner_step" in result.output
+
+
+def test_tolerance_with_both_limits_passes_when_either_holds():
+    tol = Tolerance(abs=1e-4, rel=1e-5)
+    assert tol.violations({"features": {"abs": 2e-4, "rel": 1e-6}}) == []  # large features, tiny relative error
+    assert tol.violations({"features": {"abs": 5e-5, "rel": 1e-3}}) == []
+    assert tol.violations({"features": {"abs": 2e-4, "rel": 1e-3}}) == ["features abs 2.00e-04 > 1e-04 and rel 1.00e-03 > 1e-05"]
+    assert Tolerance(rel=1e-4).violations({"grad": {"abs": 0.0, "rel": float("nan")}}) != []

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import pah_edge.errors
 from pah_edge.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +38,11 @@ def _steps(command: str) -> list[str]:
     return [step.strip() for step in command.split("&&")]
 
 
-def _train_args(out: Path) -> list[str]:
-    """The main job's `pah-edge train ...` arguments (without `pah-edge`), with --out replaced by ``out``."""
-    [train] = [s for s in _steps(_block_after(MAIN_JOB)) if s.startswith("pah-edge train")]
-    args = shlex.split(train)[1:]
-    i = args.index("--out")
-    return [*args[: i + 1], str(out), *args[i + 2 :]]
+def _main_job_args() -> list[str]:
+    """The main job's `pah-edge ...` arguments (without `pah-edge`): its last step."""
+    last = _steps(_block_after(MAIN_JOB))[-1]
+    assert last.startswith("pah-edge "), f"the main job must end with a pah-edge command, not {last!r}"
+    return shlex.split(last)[1:]
 
 
 @pytest.mark.parametrize("marker", [MAIN_JOB, TEST_COMMAND])
@@ -84,41 +84,54 @@ def test_installed_extras_and_pins_exist(marker):
 
 
 def test_main_job_options_are_accepted_by_the_cli(monkeypatch, tmp_path):
-    """Parse the README's train command with the real CLI, stopping before training."""
-    import pah_edge.trainer
+    """Parse the README's demo command with the real CLI, stopping before any work."""
+    import pah_edge.demo
 
     seen = {}
 
-    def fake_run_training(cfg, out, **kwargs):
-        seen.update(cfg=cfg, out=out)
-        return {"average_accuracy": 0.0, "forgetting": 0.0, "bwt": 0.0}
+    def fake_run_demo(out, **kwargs):
+        seen.update(out=out, **kwargs)
+        raise pah_edge.errors.PahEdgeError("stopped before the work")
 
-    monkeypatch.setattr(pah_edge.trainer, "run_training", fake_run_training)
-    result = CliRunner().invoke(app, _train_args(tmp_path / "quick"))
-    assert result.exit_code == 0, result.output
-    cfg = seen["cfg"]
-    assert seen["out"] == tmp_path / "quick"
-    assert cfg.data.benchmark == "split-fashion-mnist"  # the prose: "5 Split-Fashion-MNIST tasks"
-    assert cfg.model.backbone == "mobilenet_v3_small"
-    args = shlex.split(next(s for s in _steps(_block_after(MAIN_JOB)) if s.startswith("pah-edge train")))
-    assert args[args.index("--out") + 1] == "runs/quick"  # the prose: "writes metrics and plots to `runs/quick/`"
+    monkeypatch.setattr(pah_edge.demo, "run_demo", fake_run_demo)
+    result = CliRunner().invoke(app, _main_job_args())
+    assert result.exit_code == 1 and "stopped before the work" in result.output, result.output
+    assert _main_job_args()[0] == "demo"
+    assert seen["out"] == Path("demo")  # the prose: "demo/new_images/", "demo/summary.json"
+    assert seen["epochs"] == 1 and seen["limit_per_class"] == 200  # the prose: "about 3 minutes on 2 CPU cores"
+    assert pah_edge.demo.BACKBONE == "mobilenet_v3_small" and pah_edge.demo.RUNTIME == "onnxruntime-cpu"
 
 
 @pytest.mark.slow
 def test_main_job_runs_end_to_end(tmp_path):
+    """The real demo, in a subprocess, into tmp_path: every stage runs and the bundle gains the new task."""
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"needs Fashion-MNIST in {FASHION_MNIST} (apt-get install -y dataset-fashion-mnist)")
-    out = tmp_path / "quick"
-    result = subprocess.run([sys.executable, "-m", "pah_edge.cli", *_train_args(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=1800)
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "pah_edge.cli", *_main_job_args(), "--out", str(out), "--no-progress"],
+                            cwd=REPO, capture_output=True, text=True, timeout=1800)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Traceback" not in output
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert {"acc_matrix", "average_accuracy", "forgetting", "bwt"} <= set(metrics)
-    acc = metrics["acc_matrix"]
-    assert [len(row) for row in acc] == [1, 2, 3, 4, 5]  # the prose: 5 tasks
-    assert all(0 <= a <= 1 for row in acc for a in row)
-    assert 0.5 < metrics["average_accuracy"] <= 1  # 2 classes per task: chance is 0.5
-    for name in ("accuracy_matrix.png", "prototypes.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for text in ("base PAH (mobilenet_v3_small, 5 Split-Fashion-MNIST tasks): average accuracy",
+                 "export: parity with PyTorch OK", "new task 'digits' learned", "old tasks unchanged: yes",
+                 "examples (--any-task):", "seconds per stage: images"):
+        assert text in result.stdout, text
+    summary = json.loads((out / "summary.json").read_text())
+    assert [len(row) for row in json.loads((out / "run" / "metrics.json").read_text())["acc_matrix"]] == [1, 2, 3, 4, 5]
+    assert 0.5 < summary["base"]["average_accuracy"] <= 1  # 2 classes per task: chance is 0.5
+    assert summary["export"]["parity_ok"] and summary["old_tasks_unchanged"]
+    new_task = summary["new_task"]
+    assert new_task["classes"] == 10 and 0.1 < new_task["train_accuracy"] <= 1  # 10 digits: chance is 0.1
+    assert set(summary["seconds"]) == {"images", "train", "export", "learn", "predict", "total"}
+    assert len(list((out / "new_images").glob("*/*.png"))) == 10 * 60
+
+    from pah_edge.bundle import Bundle
+
+    tasks = Bundle.open(out / "bundle").tasks()
+    assert [t.name for t in tasks] == ["task0", "task1", "task2", "task3", "task4", "digits"]
+    assert tasks[-1].source == "device" and tasks[-1].class_names == tuple(str(d) for d in range(10))
+
+    again = subprocess.run([sys.executable, "-m", "pah_edge.cli", "demo", "--out", str(out)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "pass --force" in again.stderr and "Traceback" not in again.stderr

@@ -1,0 +1,332 @@
+"""On-device learning of a new task: only its prototypes, with the backbone and generator frozen.
+
+    minimise over P_new:  CE( B(x) @ H(P_new)^T , y )
+
+Features ``B(x)`` do not depend on ``P_new``, so they are computed once (forward-only, on the
+fastest runtime here) and cached; Adam then steps the prototypes with the gradient that
+``learner_step.onnx`` computes, early-stopped on validation loss. Old tasks, ``B`` and ``H`` are
+never written: zero forgetting by construction. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pah_edge.bundle import Bundle, BundleError, task_name_from, validate_task_name
+from pah_edge.data.splits import class_rng
+from pah_edge.device.bundle_runners import backbone_runner, generator_runner, max_batch
+from pah_edge.device.images import (BatchStream, ClassFolders, check_no_class_empty, scan_class_folders, warn_ignored,
+                                    warn_skipped)
+from pah_edge.device.prototype_init import initial_prototypes, thumbnails
+from pah_edge.device.runtimes import Runner, create_runner
+from pah_edge.errors import ConfigError
+
+log = logging.getLogger("pah_edge")
+
+MAX_BATCH = 64
+# Bytes per image in flight: float32 input x ~20 for the backbone's activations; a rough bound that
+# keeps a 4 GB Jetson clear of swapping, not a measurement.
+ACTIVATION_FACTOR = 20
+BUDGET_SHARE = 0.25  # of --budget-mb given to one batch; the rest covers runtime, cache and Python
+FULL_BATCH_MAX = 2048  # train images up to which every step sees all of them
+MINIBATCH = 256
+MIN_REL_IMPROVEMENT = 1e-4  # a monitored loss must fall by this fraction to count as progress
+LOCK_WAIT_S = 600.0
+
+
+@dataclass
+class Adam:
+    """Adam (Kingma & Ba) on one numpy array, with bias correction."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    steps: int = 0
+    _m: np.ndarray | None = field(default=None, repr=False)
+    _v: np.ndarray | None = field(default=None, repr=False)
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        """The updated parameters (float32); ``params`` is left as it is."""
+        grad = np.asarray(grad, np.float64)
+        if self._m is None:
+            self._m, self._v = np.zeros_like(grad), np.zeros_like(grad)
+        self.steps += 1
+        self._m = self.beta1 * self._m + (1 - self.beta1) * grad
+        self._v = self.beta2 * self._v + (1 - self.beta2) * grad * grad
+        m_hat = self._m / (1 - self.beta1 ** self.steps)
+        v_hat = self._v / (1 - self.beta2 ** self.steps)
+        return (params - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)).astype(np.float32)
+
+
+def batch_size_for(budget_mb: float, image_size: int) -> int:
+    """Images per backbone batch within ``budget_mb`` MB: 1 to 64; ConfigError if not even 1 fits."""
+    if not 0 < budget_mb < float("inf"):
+        raise ConfigError(f"--budget-mb is a positive number of MB, got {budget_mb!r}")
+    per_image = 4 * 3 * image_size * image_size * ACTIVATION_FACTOR
+    batch = int(BUDGET_SHARE * budget_mb * 2**20 / per_image)
+    if batch < 1:
+        minimum = per_image / (BUDGET_SHARE * 2**20)
+        raise ConfigError(f"--budget-mb {budget_mb:g} is too small for {image_size} px images: "
+                          f"pass --budget-mb {np.ceil(minimum):.0f} or more")
+    return min(batch, MAX_BATCH)
+
+
+def split_train_val(labels: np.ndarray, class_names, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices into ``labels``; per class val = round(f * n), at least 1 when n >= 2.
+
+    The draw depends only on the seed and the class's own name, as in the workstation's splits.
+    """
+    train, val = [], []
+    for label, name in enumerate(class_names):
+        members = np.flatnonzero(labels == label)
+        n = len(members)
+        # A val image when there are 2, and every class keeps a training image.
+        n_val = min(max(round(val_fraction * n), 1), n - 1) if val_fraction > 0 and n >= 2 else 0
+        order = class_rng(seed, name).permutation(members)
+        val.append(order[:n_val])
+        train.append(order[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+@dataclass
+class Features:
+    """What one pass over the images leaves: features [N, D], labels [N], init thumbnails [N, c, s, s]."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    thumbs: np.ndarray
+    skipped: list
+    seconds: float
+
+
+def extract_features(runner: Runner, folders: ClassFolders, bundle: Bundle, batch_size: int,
+                     progress: bool) -> Features:
+    """Stream every image through the backbone once; keep float32 features and init thumbnails."""
+    items = folders.labelled()
+    channels, size = bundle.prototype_shape[0], bundle.prototype_shape[1]
+    features = np.empty((len(items), bundle.feature_dim), np.float32)
+    thumbs = np.empty((len(items), channels, size, size), np.float32)
+    read = np.zeros(len(items), bool)
+    stream = BatchStream(items, bundle.preprocess, batch_size)
+    start = time.perf_counter()
+    with _progress_bar(progress, "features", len(items)) as advance:
+        for inputs, positions in stream:
+            features[positions] = runner.infer({"images": inputs})["features"]
+            thumbs[positions] = thumbnails(inputs, channels, size)
+            read[positions] = True
+            advance(len(positions))
+    seconds = time.perf_counter() - start
+    labels = np.asarray([label for _, label in items], np.int64)
+    return Features(features[read], labels[read], thumbs[read], stream.skipped, seconds)
+
+
+class PrototypeObjective:
+    """Loss and gradient of the new task's cross-entropy w.r.t. its prototypes, via learner_step.onnx."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def __call__(self, prototypes: np.ndarray, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        out = self.runner.infer({"prototypes": prototypes, "features": features, "labels": labels})
+        return float(out["loss"]), out["grad"]
+
+
+@dataclass
+class OptimiseResult:
+    prototypes: np.ndarray  # the best, by the monitored loss
+    steps: int
+    stopped_early: bool
+    initial_loss: float
+    best_loss: float
+    seconds: float
+
+
+def optimise_prototypes(objective: PrototypeObjective, init: np.ndarray, train: tuple[np.ndarray, np.ndarray],
+                        val: tuple[np.ndarray, np.ndarray] | None, *, max_steps: int, lr: float, patience: int,
+                        seed: int, progress: bool = False) -> OptimiseResult:
+    """Adam on the prototypes only, keeping the best by validation loss (train loss without val images).
+
+    Stops after ``patience`` steps without a relative improvement of 1e-4 in the monitored loss.
+    Full-batch up to 2,048 train images, else a random minibatch of 256 per step.
+    """
+    start = time.perf_counter()
+    features, labels = train
+    monitored = val if val is not None else train
+    rng = np.random.default_rng(seed)
+    adam = Adam(lr)
+    params = best = np.ascontiguousarray(init, np.float32)
+    initial = best_loss = reference = objective(params, *monitored)[0]
+    since_progress, stopped_early = 0, False
+    with _progress_bar(progress, "prototypes", max_steps) as advance:
+        for _ in range(max_steps):
+            if len(labels) > FULL_BATCH_MAX:
+                pick = np.sort(rng.choice(len(labels), MINIBATCH, replace=False))
+                _, grad = objective(params, features[pick], labels[pick])
+            else:
+                _, grad = objective(params, features, labels)
+            params = adam.step(params, grad)
+            loss = objective(params, *monitored)[0]
+            advance(1)
+            if loss < best_loss:
+                best, best_loss = params, loss
+            # Patience counts steps since the last real progress, so a slow crawl still stops.
+            if loss < reference * (1 - MIN_REL_IMPROVEMENT):
+                reference, since_progress = loss, 0
+            else:
+                since_progress += 1
+                if since_progress >= patience:
+                    stopped_early = True
+                    break
+    return OptimiseResult(best, adam.steps, stopped_early, initial, best_loss, time.perf_counter() - start)
+
+
+def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float | None:
+    """Fraction of ``features`` whose largest logit ``features @ heads.T`` is their label; None if empty."""
+    if len(labels) == 0:
+        return None
+    return float(np.mean(np.argmax(features @ heads.T, axis=1) == labels))
+
+
+def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, budget_mb: float = 300,
+               runtime: str = "auto", replace: bool = False, val_fraction: float = 0.2, max_steps: int = 300,
+               lr: float = 0.05, patience: int = 25, seed: int = 0, progress: bool = True,
+               lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
+    """Learn the task in ``folder`` (``<class>/<images>``) into ``bundle``; returns the report.
+
+    Everything that can be checked is checked before any image is decoded. The bundle's lock is
+    held from the name check to the registration (another learn-task waits up to ``lock_wait_s``
+    s), and nothing is written before the final registration, so an interrupted run leaves the
+    bundle as it was. ``budget_mb`` (MB) bounds the backbone batch.
+
+    Report: name, classes (names), images {train, val}, skipped (unreadable images),
+    ignored_files, train_accuracy and val_accuracy (fractions; val None without val images),
+    initial_loss and best_loss (monitored cross-entropy), steps, stopped_early, runtime, batch_size,
+    feature_images_per_s (decoding included), feature_seconds, optimise_seconds, wall_seconds (s),
+    peak_rss_mb (MB), bytes_stored and file (the task's npz).
+    """
+    wall = time.perf_counter()
+    _check_options(val_fraction=val_fraction, max_steps=max_steps, lr=lr, patience=patience)
+    folders = scan_class_folders(folder)
+    name = validate_task_name(name) if name is not None else task_name_from(folders.root.resolve().name)
+    classes = len(folders.class_names)
+    _check_class_count(bundle, folders)
+    batch = batch_size_for(budget_mb, bundle.preprocess.image_size)
+    with ExitStack() as stack:
+        # Runners are activated before the lock: a missing engine or runtime fails with the bundle untouched.
+        backbone = stack.enter_context(backbone_runner(bundle, runtime))
+        heads_of = stack.enter_context(generator_runner(bundle))
+        # The step graph is tiny: one thread beats a pool's hand-offs.
+        objective = PrototypeObjective(
+            stack.enter_context(create_runner("onnxruntime-cpu", bundle.graph_path("learner_step"), threads=1)))
+        batch = min(batch, max_batch(backbone) or batch)
+        stack.enter_context(bundle.lock(lock_wait_s))
+        if not replace and any(t.name == name for t in bundle.tasks()):
+            raise BundleError(f"task {name!r} exists; pass --replace or --name OTHER")
+        warn_ignored(folders)
+        log.info("extracting features of %d images on %s, batch %d", folders.num_images, backbone.name, batch)
+        extracted = extract_features(backbone, folders, bundle, batch, progress)
+        check_no_class_empty(folders, extracted.labels, extracted.skipped)  # its error names the skipped files
+        warn_skipped(extracted.skipped, folders.num_images)
+
+        train, val = split_train_val(extracted.labels, folders.class_names, val_fraction, seed)
+        init = initial_prototypes(extracted.thumbs[train], extracted.labels[train], classes)
+
+        def subset(indices):
+            return extracted.features[indices], extracted.labels[indices]
+
+        result = optimise_prototypes(objective, init, subset(train), subset(val) if len(val) else None,
+                                     max_steps=max_steps, lr=lr, patience=patience, seed=seed, progress=progress)
+        heads = heads_of.infer({"prototypes": result.prototypes})["head"]
+        train_acc, val_acc = accuracy(heads, *subset(train)), accuracy(heads, *subset(val))
+        record = bundle.add_task(name=name, class_names=folders.class_names, prototypes=result.prototypes,
+                                 images_seen=len(extracted.labels), source="device", replace=replace,
+                                 accuracy=val_acc if val_acc is not None else train_acc)
+    return {
+        "name": name,
+        "classes": list(folders.class_names),
+        "images": {"train": int(len(train)), "val": int(len(val))},
+        "skipped": len(extracted.skipped),
+        "ignored_files": folders.ignored,
+        "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
+        "initial_loss": result.initial_loss,
+        "best_loss": result.best_loss,
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "runtime": backbone.name,
+        "batch_size": batch,
+        "feature_images_per_s": len(extracted.labels) / extracted.seconds if extracted.seconds > 0 else None,
+        "feature_seconds": extracted.seconds,
+        "optimise_seconds": result.seconds,
+        "wall_seconds": time.perf_counter() - wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "bytes_stored": record.bytes,
+        "file": record.file,
+    }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (MiB).
+
+    Linux's VmHWM first: ``ru_maxrss`` survives exec, so a process started by a big parent (a test
+    runner holding torch) would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def summary_line(report: dict) -> str:
+    """``learned 'digits': 10 classes, 800 train / 200 val images, train 97.1% val 93.0%, ...``."""
+    val = "n/a" if report["val_accuracy"] is None else f"{100 * report['val_accuracy']:.1f}%"
+    speed = report["feature_images_per_s"]
+    return (f"learned {report['name']!r}: {len(report['classes'])} classes, {report['images']['train']} train / "
+            f"{report['images']['val']} val images, train {100 * report['train_accuracy']:.1f}% val {val}, "
+            f"{speed:.0f} img/s features, {report['wall_seconds']:.1f} s wall, "
+            f"peak RSS {report['peak_rss_mb']:.0f} MB, {report['bytes_stored']:,} bytes stored")
+
+
+def _check_class_count(bundle: Bundle, folders: ClassFolders) -> None:
+    fixed, classes = bundle.fixed_num_classes, len(folders.class_names)
+    if fixed is not None and classes != fixed:
+        raise BundleError(f"this bundle's task-mlp generator takes exactly {fixed} classes per task, {folders.root} "
+                          f"has {classes}; give it {fixed} class folders")
+
+
+def _check_options(*, val_fraction: float, max_steps: int, lr: float, patience: int) -> None:
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction is a fraction in [0, 1), got {val_fraction!r}")
+    if max_steps < 1 or patience < 1:
+        raise ConfigError(f"max_steps and patience must be >= 1, got {max_steps} and {patience}")
+    if not lr > 0:
+        raise ConfigError(f"lr must be positive, got {lr!r}")
+
+
+@contextmanager
+def _progress_bar(enabled: bool, label: str, total: int):
+    """``with _progress_bar(on, label, total) as advance: advance(n)``; a Rich bar on stderr when on."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # stderr: stdout carries the result (one JSON object with --json).
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

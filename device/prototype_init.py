@@ -1,0 +1,45 @@
+"""The paper's data init for a new task's prototypes, in numpy (the device has no torch).
+
+A class's initial prototype is its mean normalised training image, averaged over RGB when the
+prototypes have one channel, then area-pooled to ``s x s`` exactly as torch's
+``adaptive_avg_pool2d`` does (``PrototypeGenerator.init_params(random=False)`` on the workstation).
+Both steps are linear, so pooling each image and averaging the small results equals pooling the
+mean image: the learner keeps one ``c x s x s`` thumbnail per image instead of full-size sums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pooling_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """float64 [out_size, in_size]: row i averages input window [floor(i*in/out), ceil((i+1)*in/out))."""
+    matrix = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        start, end = (i * in_size) // out_size, -(-((i + 1) * in_size) // out_size)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool(images: np.ndarray, size: int) -> np.ndarray:
+    """float64 [..., size, size] from [..., H, W], with torch ``adaptive_avg_pool2d``'s windows."""
+    height, width = images.shape[-2:]
+    return pooling_matrix(height, size) @ np.asarray(images, np.float64) @ pooling_matrix(width, size).T
+
+
+def thumbnails(inputs: np.ndarray, channels: int, size: int) -> np.ndarray:
+    """float64 [N, channels, size, size] of normalised images [N, 3, S, S]; their class mean is the init."""
+    if channels not in (1, 3):
+        raise ValueError(f"prototypes have 1 or 3 channels, got {channels}")
+    images = np.asarray(inputs, np.float64)
+    if channels == 1:
+        images = images.mean(axis=1, keepdims=True)
+    return adaptive_avg_pool(images, size)
+
+
+def initial_prototypes(thumbs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """float32 [C, c, s, s]: the mean thumbnail of each class (every class needs one image or more)."""
+    sums = np.zeros((num_classes, *thumbs.shape[1:]))
+    np.add.at(sums, labels, thumbs)
+    counts = np.bincount(labels, minlength=num_classes)
+    return (sums / counts[:, None, None, None]).astype(np.float32)

@@ -1,0 +1,72 @@
+"""The device commands run where torch cannot be imported: `learn-task`, `predict` and `tasks`.
+
+A directory holding ``torch/__init__.py`` that raises ImportError goes first on PYTHONPATH of a
+subprocess running the real entry point, so any import of torch, direct or through another
+package, fails there. The bundle itself is made in this (torch-enabled) process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_image_folder
+from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
+
+from pah_edge.bundle import Bundle
+from pah_edge.device.predict import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCKED = "torch is blocked in this test"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, mnist_digits):
+    root = tmp_path_factory.mktemp("no_torch")
+    blocker = root / "blocker"
+    (blocker / "torch").mkdir(parents=True)
+    (blocker / "torch" / "__init__.py").write_text(f"raise ImportError({BLOCKED!r})\n")
+    new_task = write_image_folder(root / "new", mnist_digits, {"pairs": [1, 7]}, per_class=10) / "pairs"
+    return make_tiny_bundle(root, mnist_digits), query_folder(root, mnist_digits), new_task, blocker
+
+
+def _without_torch(blocker: Path, *args) -> subprocess.CompletedProcess:
+    path = os.pathsep.join([str(blocker), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": path, "COLUMNS": "80"}
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+
+
+def test_the_blocker_really_blocks_torch(made):
+    result = _without_torch(made[3], "-c", "import torch")
+    assert result.returncode == 1 and BLOCKED in result.stderr
+
+
+def test_learn_task_predict_and_tasks_run_without_torch(made):
+    bundle_dir, query, new_task, blocker = made
+
+    def cli(*args):
+        result = _without_torch(blocker, "-m", "pah_edge.cli", *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and BLOCKED not in result.stderr
+        return result.stdout
+
+    report = json.loads(cli("learn-task", new_task, "--bundle", bundle_dir, "--runtime", "onnxruntime-cpu",
+                            "--no-progress", "--json"))
+    assert report["name"] == "pairs" and report["classes"] == ["digit1", "digit7"]
+
+    predictions = json.loads(cli("predict", query, "--bundle", bundle_dir, "--any-task", "--json"))
+    with Predictor(Bundle.open(bundle_dir), runtime="onnxruntime-cpu") as predictor:  # torch is importable here
+        expected = predictor.predict([query], any_task=True)
+    assert [p["path"] for p in predictions] == [str(query / f) for f in QUERY_FILES]
+    assert [(p["task"], p["label"]) for p in predictions] == [(p["task"], p["label"]) for p in expected]
+    np.testing.assert_allclose([p["confidence"] for p in predictions], [p["confidence"] for p in expected], rtol=1e-5)
+
+    listed = json.loads(cli("tasks", "--bundle", bundle_dir, "--json"))
+    assert [t["name"] for t in listed] == ["a", "b", "c", "pairs"] and listed[-1]["source"] == "device"
+    cli("tasks", "rename", "pairs", "ones-sevens", "--bundle", bundle_dir)
+    cli("tasks", "remove", "ones-sevens", "--bundle", bundle_dir)
+    assert [t.name for t in Bundle.open(bundle_dir).tasks()] == ["a", "b", "c"]

@@ -1,0 +1,451 @@
+"""On-device learning (`pah_edge.device.learner`, `pah-edge learn-task`) on a tiny bundle of real digits.
+
+One bundle per module: tiny_cnn trained on digits 0-4 in two tasks, exported; every test works on
+its own copy. The device learns digits 5-9. CLI cases run the real entry point in a subprocess
+(``python -m pah_edge.cli``), most with torch made unimportable, since the device has none.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import write_image_folder
+from PIL import Image
+
+from pah_edge.bundle import Bundle, BundleError
+from pah_edge.device.learner import Adam, PrototypeObjective, batch_size_for, learn_task, split_train_val
+from pah_edge.device.prototype_init import adaptive_avg_pool, initial_prototypes, thumbnails
+from pah_edge.device.runtimes import create_runner
+from pah_edge.errors import ConfigError
+from pah_edge.hypernetwork import ClasswiseGenerator
+from pah_edge.preprocess import load_image, to_input
+
+REPO = Path(__file__).resolve().parents[1]
+NEW_DIGITS = [5, 6, 7, 8, 9]
+REPORT_KEYS = {"name", "classes", "images", "skipped", "train_accuracy", "val_accuracy", "feature_images_per_s",
+               "feature_seconds", "optimise_seconds", "wall_seconds", "peak_rss_mb", "runtime", "bytes_stored",
+               "steps", "stopped_early"}
+# The device has no torch: a child that imports it fails.
+NO_TORCH = "import sys; sys.modules['torch'] = None; from pah_edge.cli import main; sys.argv[0] = 'pah-edge'; main()"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, mnist_digits):
+    """A bundle from tiny_cnn trained 2 epochs on digits 0-2 and 3-4 (20 images per class)."""
+    from pah_edge.export.bundle_writer import export_bundle
+    from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from pah_edge.trainer import run_training
+
+    root = tmp_path_factory.mktemp("learner")
+    folder = write_image_folder(root / "base", mnist_digits, {"a": [0, 1, 2], "b": [3, 4]}, per_class=20)
+    cfg = RunConfig(data=DataConfig(folder=str(folder)),
+                    model=ModelConfig(backbone="tiny_cnn", image_size=28, prototype_size=8),
+                    train=TrainConfig(epochs=2))
+    run_training(cfg, root / "run", show_progress=False)
+    export_bundle(root / "run", root / "bundle", simplify=False)
+    return root / "bundle"
+
+
+@pytest.fixture
+def bundle_dir(exported, tmp_path):
+    return shutil.copytree(exported, tmp_path / "bundle")
+
+
+def _write_mixed(root: Path, digits, per_class: int, offset: int = 0) -> Path:
+    """root/digit<d>/ for d in 5-9: grayscale PNG, RGB JPEG, RGBA PNG and BMP in turn, plus a notes file."""
+    for d in NEW_DIGITS:
+        folder = root / f"digit{d}"
+        folder.mkdir(parents=True)
+        for i, image in enumerate(digits[d][offset:offset + per_class]):
+            gray = Image.fromarray(image)
+            kind = i % 4
+            if kind == 0:
+                gray.save(folder / f"{i}.png")
+            elif kind == 1:
+                gray.convert("RGB").save(folder / f"{i}.JPG", quality=95)  # upper-case suffix too
+            elif kind == 2:
+                gray.convert("RGBA").save(folder / f"{i}.png")
+            else:
+                gray.save(folder / f"{i}.bmp")
+        (folder / ".DS_Store").write_bytes(b"hidden")
+    (root / "digit5" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def new_task(tmp_path_factory, mnist_digits):
+    """Digits 5-9 in mixed formats, 40 per class (the user's ./new_images)."""
+    return _write_mixed(tmp_path_factory.mktemp("images") / "new_images", mnist_digits, per_class=40)
+
+
+def _blank_png(path: Path, width: int, height: int) -> Path:
+    """A valid all-black 1-bit PNG, written row by row: 10,000 x 10,000 px in ~12 KB and no big buffer."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file's bytes, except the lock file (its content is irrelevant; it stays once created)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _cli(*args, no_torch=True, **popen):
+    command = [sys.executable, "-c", NO_TORCH] if no_torch else [sys.executable, "-m", "pah_edge.cli"]
+    env = {**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        env.pop(var, None)
+    argv = [*command, "learn-task", *map(str, args)]
+    if popen:
+        return subprocess.Popen(argv, text=True, env=env, cwd=REPO, **popen)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def _assert_one_line_error(result, *words) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0], f"{word!r} missing from: {lines[0]}"
+    return lines[0]
+
+
+# --- learning ----------------------------------------------------------------------------------------
+
+
+def test_learns_a_new_task_from_mixed_formats_without_torch(bundle_dir, new_task):
+    result = _cli(new_task, "--bundle", bundle_dir, "--name", "digits", "--json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # stdout holds the JSON object and nothing else
+    assert REPORT_KEYS <= set(report), REPORT_KEYS - set(report)
+    assert report["classes"] == [f"digit{d}" for d in NEW_DIGITS]
+    assert report["images"] == {"train": 160, "val": 40} and report["skipped"] == 0 and report["ignored_files"] == 1
+    assert report["val_accuracy"] > 0.4 and report["train_accuracy"] > 0.4  # chance is 0.2
+    assert report["runtime"] == "onnxruntime-cpu" and report["steps"] >= 1
+    assert report["feature_images_per_s"] > 0 and report["peak_rss_mb"] > 0
+    assert "ignored 1 non-image file(s)" in " ".join(result.stderr.split())
+
+    bundle = Bundle.open(bundle_dir)
+    record = bundle.task("digits")
+    assert [t.name for t in bundle.tasks()] == ["a", "b", "digits"]
+    assert record.class_names == tuple(report["classes"]) and record.source == "device"
+    assert record.images_seen == 200 and record.accuracy == report["val_accuracy"]
+    assert record.bytes == report["bytes_stored"] and bundle.load_prototypes("digits").shape == (5, 1, 8, 8)
+    print(f"\nlearn-task: {json.dumps({k: report[k] for k in sorted(REPORT_KEYS)})}")
+
+
+def _old_task_logits(bundle: Bundle, images: np.ndarray) -> dict[str, np.ndarray]:
+    features = ort.InferenceSession(str(bundle.graph_path("backbone"))).run(["features"], {"images": images})[0]
+    generator = ort.InferenceSession(str(bundle.graph_path("generator")))
+    return {t.name: features @ generator.run(["head"], {"prototypes": bundle.load_prototypes(t.name)})[0].T
+            for t in bundle.tasks()}
+
+
+def test_old_tasks_stay_bit_identical(bundle_dir, new_task, exported, mnist_digits):
+    bundle = Bundle.open(bundle_dir)
+    probe = to_input(np.stack([np.repeat(d[:, :, None], 3, axis=2) for k in range(10) for d in mnist_digits[k][-3:]]),
+                     bundle.preprocess)
+    before = _old_task_logits(bundle, probe)
+    files_before = {t.name: (bundle_dir / t.file).read_bytes() for t in bundle.tasks()}
+    entries_before = [t.to_dict() for t in bundle.tasks()]
+
+    report = learn_task(bundle, new_task, name="digits", progress=False)
+
+    after = _old_task_logits(Bundle.open(bundle_dir), probe)
+    assert set(after) == {"a", "b", "digits"} and report["val_accuracy"] > 0.4
+    for name, logits in before.items():
+        assert np.array_equal(logits, after[name]), f"task {name!r} changed"
+        assert (bundle_dir / f"tasks/{name}.npz").read_bytes() == files_before[name]
+    assert [t.to_dict() for t in Bundle.open(bundle_dir).tasks()][:2] == entries_before
+    assert _tree(bundle_dir).keys() - _tree(exported).keys() == {"tasks/digits.npz"}
+
+
+def test_replace_overwrites_the_task(bundle_dir, new_task):
+    bundle = Bundle.open(bundle_dir)
+    learn_task(bundle, new_task, name="digits", progress=False, max_steps=3)
+    with pytest.raises(BundleError, match="task 'digits' exists; pass --replace or --name OTHER"):
+        learn_task(bundle, new_task, name="digits", progress=False, max_steps=3)
+    report = learn_task(bundle, new_task, name="digits", progress=False, replace=True)
+    assert [t.name for t in bundle.tasks()] == ["a", "b", "digits"] and report["steps"] > 3
+    stored = sorted(f"tasks/{p.name}" for p in (bundle_dir / "tasks").glob("*.npz"))
+    assert stored == ["tasks/a.npz", "tasks/b.npz", bundle.task("digits").file]  # the replaced file is gone
+
+
+# --- the parts --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "out"), [(28, 8), (32, 16), (224, 16), (30, 7)])
+def test_adaptive_pool_matches_torch(size, out):
+    images = np.random.default_rng(size).standard_normal((4, 3, size, size))
+    expected = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(images), out).numpy()
+    np.testing.assert_allclose(adaptive_avg_pool(images, out), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_prototype_init_matches_the_workstations(channels):
+    """Mean of per-image thumbnails == PrototypeGenerator.init_params(class-mean images, random=False)."""
+    rng = np.random.default_rng(channels)
+    inputs = rng.standard_normal((30, 3, 28, 28)).astype(np.float32)
+    labels = rng.permutation(np.arange(30) % 3)
+    means = torch.stack([torch.from_numpy(inputs[labels == c]).mean(0) for c in range(3)])
+    expected = ClasswiseGenerator(32, channels=channels, size=8, hidden_dim=4).init_params(
+        means, random=False, generator=None).numpy()
+    got = initial_prototypes(thumbnails(inputs, channels, 8), labels, 3)
+    assert got.shape == (3, channels, 8, 8) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_matches_torch():
+    rng = np.random.default_rng(0)
+    params = rng.standard_normal((3, 1, 4, 4)).astype(np.float32)
+    reference = torch.from_numpy(params.copy()).requires_grad_(True)
+    optimiser = torch.optim.Adam([reference], lr=0.05)
+    adam = Adam(0.05)
+    for _ in range(5):
+        grad = rng.standard_normal(params.shape).astype(np.float32)
+        params = adam.step(params, grad)
+        reference.grad = torch.from_numpy(grad)
+        optimiser.step()
+    np.testing.assert_allclose(params, reference.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_adam_step_through_the_step_graph_lowers_the_loss(exported, new_task):
+    bundle = Bundle.open(exported)
+    files = [f for d in NEW_DIGITS for f in sorted((new_task / f"digit{d}").glob("*.png"))[:8]]
+    inputs = to_input(np.stack([load_image(f, bundle.preprocess) for f in files]), bundle.preprocess)
+    labels = np.asarray([NEW_DIGITS.index(int(f.parent.name[-1])) for f in files], np.int64)
+    with create_runner("onnxruntime-cpu", bundle.graph_path("backbone")) as backbone, \
+            create_runner("onnxruntime-cpu", bundle.graph_path("learner_step")) as step:
+        features = backbone.infer({"images": inputs})["features"]
+        objective = PrototypeObjective(step)
+        prototypes = initial_prototypes(thumbnails(inputs, 1, 8), labels, 5)
+        loss, grad = objective(prototypes, features, labels)
+        assert grad.shape == prototypes.shape and np.abs(grad).max() > 0
+        after, _ = objective(Adam(0.01).step(prototypes, grad), features, labels)
+    assert after < loss, (loss, after)
+
+
+def test_split_is_per_class_deterministic_and_keeps_a_train_image():
+    labels = np.array([0] * 10 + [1] * 2 + [2] * 1)
+    train, val = split_train_val(labels, ["x", "y", "z"], 0.2, seed=0)
+    assert np.bincount(labels[val], minlength=3).tolist() == [2, 1, 0]
+    assert np.bincount(labels[train], minlength=3).tolist() == [8, 1, 1]
+    again = split_train_val(labels, ["x", "y", "z"], 0.2, seed=0)
+    assert np.array_equal(again[1], val) and not np.array_equal(split_train_val(labels, "xyz", 0.2, seed=1)[1], val)
+    assert len(split_train_val(labels, "xyz", 0.0, seed=0)[1]) == 0
+
+
+def test_batch_size_follows_the_budget():
+    assert batch_size_for(300, 28) == 64 and batch_size_for(300, 224) == 6 and batch_size_for(46, 224) == 1
+    with pytest.raises(ConfigError, match="pass --budget-mb 46 or more"):
+        batch_size_for(45, 224)
+
+
+# --- the lock ------------------------------------------------------------------------------------------
+
+
+def test_lock_waits_then_reports_busy_and_removes_orphans(bundle_dir):
+    bundle = Bundle.open(bundle_dir)
+    (bundle_dir / "tasks" / "crashed.npz").write_bytes(b"orphan of a kill -9 before its registry entry")
+    (bundle_dir / "tasks" / ".registry.json.x1y2.tmp").write_bytes(b"torn")
+    with bundle.lock(0):
+        assert sorted(p.name for p in (bundle_dir / "tasks").iterdir()) == ["a.npz", "b.npz", "registry.json"]
+        start = time.monotonic()
+        with pytest.raises(BundleError, match="is busy .* try again when it finishes"):
+            with Bundle.open(bundle_dir).lock(0.3):
+                pass
+        assert time.monotonic() - start >= 0.3
+    with Bundle.open(bundle_dir).lock(0):  # released
+        pass
+
+
+# --- bad input through the CLI: one line, exit 1, bundle untouched ------------------------------------
+
+
+def _one_class(tmp, digits):
+    return write_image_folder(tmp / "data", digits, {"t": [5]}, per_class=4) / "t", []
+
+
+def _empty_class(tmp, digits):
+    root = write_image_folder(tmp / "data", digits, {"t": [5, 6]}, per_class=4) / "t"
+    (root / "digit7").mkdir()
+    return root, []
+
+
+def _text_only_class(tmp, digits):
+    root = write_image_folder(tmp / "data", digits, {"t": [5, 6]}, per_class=4) / "t"
+    (root / "digit7").mkdir()
+    (root / "digit7" / "readme.txt").write_text("no images here")
+    return root, []
+
+
+def _huge_only_class(tmp, digits):
+    root = write_image_folder(tmp / "data", digits, {"t": [5, 6]}, per_class=4) / "t"
+    (root / "huge").mkdir()
+    _blank_png(root / "huge" / "scan.png", 10_000, 10_000)
+    return root, []
+
+
+def _two_classes(tmp, digits):
+    return write_image_folder(tmp / "data", digits, {"t": [5, 6]}, per_class=4) / "t", []
+
+
+def _bump_format(tmp, digits, bundle_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+
+
+def _task_mlp_of_3(tmp, digits, bundle_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    task_mlp = {"kind": "task-mlp", "num_classes": 3}
+    (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "generator": task_mlp}))
+
+
+def _foreign_engine(tmp, digits, bundle_dir):
+    engine = bundle_dir / "engines" / "backbone.fp16.engine"
+    engine.parent.mkdir()
+    engine.write_bytes(b"serialized engine")
+    record = {"tensorrt_version": "10.3.0", "gpu_name": "Orin (nvgpu)", "compute_capability": "8.7",
+              "precision": "fp16", "profile": {"input": "images", "min": [1, 3, 28, 28], "opt": [8, 3, 28, 28],
+                                               "max": [32, 3, 28, 28]}}
+    (engine.parent / "backbone.fp16.engine.json").write_text(json.dumps(record))
+
+
+def _with(*options):
+    """A 2-class folder and these command-line options."""
+    return lambda tmp, digits: (_two_classes(tmp, digits)[0], list(options))
+
+
+BAD_INPUT = {  # case: (make the folder, change the bundle, words of the error line)
+    "one class": (_one_class, None, ["1 class folder (digit5)", "at least 2 class folders"]),
+    "empty class folder": (_empty_class, None, ["no images found in", "digit7", "remove the folder"]),
+    "non-image file only": (_text_only_class, None, ["no images found in", "digit7"]),
+    "only a 100 MP image": (_huge_only_class, None, ["class 'huge' has no readable image", "huge/scan.png",
+                                                     "50 megapixels"]),
+    "existing name": (_with("--name", "a"), None, ["task 'a' exists; pass --replace or --name OTHER"]),
+    "name with /": (_with("--name", "x/y"), None, ["invalid task name 'x/y'"]),
+    "name ..": (_with("--name", ".."), None, ["invalid task name '..'"]),
+    "newer bundle format": (_two_classes, _bump_format, ["bundle format 2 is newer", "upgrade pah-edge"]),
+    "task-mlp class count": (_two_classes, _task_mlp_of_3, ["exactly 3 classes", "has 2"]),
+    "tensorrt absent": (_with("--runtime", "tensorrt"), _foreign_engine, ["TensorRT is not installed"]),
+    "budget too small": (_with("--budget-mb", "0.01"), None, ["--budget-mb 0.01 is too small"]),
+    "unknown runtime": (_with("--runtime", "torch"), None, ["unknown runtime 'torch'"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_and_leaves_the_bundle_as_it_was(case, bundle_dir, tmp_path, mnist_digits):
+    make_folder, edit_bundle, words = BAD_INPUT[case]
+    if case == "tensorrt absent" and importlib.util.find_spec("tensorrt"):
+        pytest.skip("TensorRT is installed here")
+    folder, extra = make_folder(tmp_path, mnist_digits)
+    if edit_bundle:
+        edit_bundle(tmp_path, mnist_digits, bundle_dir)
+    before = _tree(bundle_dir)
+    result = _cli(folder, "--bundle", bundle_dir, "--no-progress", *extra)
+    if case == "only a 100 MP image":
+        # Found only by decoding, so the runtime line that opens feature extraction comes first.
+        info, _, error = result.stderr.strip().partition("\n")
+        assert info.startswith("INFO extracting features of 9 images on onnxruntime-cpu"), result.stderr
+        result = subprocess.CompletedProcess(result.args, result.returncode, result.stdout, error)
+    _assert_one_line_error(result, *words)
+    assert _tree(bundle_dir) == before
+
+
+def test_unreadable_images_are_skipped_with_a_counted_warning(bundle_dir, new_task, tmp_path):
+    folder = shutil.copytree(new_task, tmp_path / "photos")
+    (folder / "digit5" / "garbage.png").write_bytes(b"this is not a png" * 20)
+    good = (folder / "digit6" / "0.png").read_bytes()
+    (folder / "digit6" / "truncated.png").write_bytes(good[: len(good) // 2])
+    _blank_png(folder / "digit7" / "huge.png", 10_000, 10_000)
+
+    result = _cli(folder, "--bundle", bundle_dir, "--no-progress")
+
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    warning = " ".join(result.stderr.split())
+    assert "skipped 3 unreadable image(s) (digit5/garbage.png, digit6/truncated.png, digit7/huge.png) of 203" in warning
+    assert "above 50 megapixels" in warning
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("learned 'photos': 5 classes, 160 train / 40 val images, train ") and "bytes stored" in last
+    assert Bundle.open(bundle_dir).task("photos").images_seen == 200
+
+
+# --- interruption and concurrency ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_task(tmp_path_factory):
+    """5 classes x 200 hard links to one 1000 x 1000 noise PNG each: ~15 ms per image to decode."""
+    root = tmp_path_factory.mktemp("slow") / "slow"
+    rng = np.random.default_rng(0)
+    for c in range(5):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (1000, 1000), np.uint8)).save(folder / "0.png")
+        for i in range(1, 200):
+            os.link(folder / "0.png", folder / f"{i}.png")
+    return root
+
+
+def test_kill_9_during_learning_leaves_the_bundle_as_it_was(bundle_dir, slow_task, new_task):
+    before = _tree(bundle_dir)
+    proc = _cli(slow_task, "--bundle", bundle_dir, "--no-progress", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for line in proc.stderr:  # EOF ends the loop if the child dies first
+            if "extracting features" in line:
+                break
+        time.sleep(0.5)
+        assert proc.poll() is None, "learn-task ended before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert _tree(bundle_dir) == before
+    Bundle.open(bundle_dir)  # every hash still verifies
+    result = _cli(new_task, "--bundle", bundle_dir, "--no-progress", "--name", "after-kill")
+    assert result.returncode == 0, result.stderr
+    assert [t.name for t in Bundle.open(bundle_dir).tasks()] == ["a", "b", "after-kill"]
+
+
+def test_two_runs_at_once_lose_nothing(bundle_dir, new_task):
+    procs = {name: _cli(new_task, "--bundle", bundle_dir, "--no-progress", "--name", name,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("first", "second")}
+    outcomes = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert "Traceback" not in stderr, stderr
+        if proc.returncode == 0:
+            outcomes[name] = "learned"
+        else:
+            assert proc.returncode == 1 and "is busy" in stderr.strip().splitlines()[-1], stderr
+            outcomes[name] = "busy"
+    registered = {t.name for t in Bundle.open(bundle_dir).tasks()}
+    assert {name for name, outcome in outcomes.items() if outcome == "learned"} <= registered
+    assert outcomes == {"first": "learned", "second": "learned"}  # the lock wait serialises them
+
+
+def test_help():
+    result = _cli("--help", no_torch=False)
+    assert result.returncode == 0 and "--budget-mb" in result.stdout and "--replace" in result.stdout

@@ -1,0 +1,252 @@
+"""Prediction (`pah_edge.device.predict`, `pah-edge predict`) and the task registry commands (`pah-edge tasks`).
+
+One tiny bundle per module (tiny_cnn on real digits; tasks a, b from the workstation, c from the
+device). Expected outputs are recomputed by hand from the bundle's ONNX graphs.
+"""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
+from typer.testing import CliRunner
+
+from pah_edge.bundle import Bundle, BundleError
+from pah_edge.cli import app
+from pah_edge.device.predict import Predictor, image_files, softmax
+from pah_edge.errors import ConfigError, DataError
+from pah_edge.preprocess import load_image, to_input
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, mnist_digits):
+    root = tmp_path_factory.mktemp("predict")
+    return make_tiny_bundle(root, mnist_digits), query_folder(root, mnist_digits)
+
+
+@pytest.fixture
+def bundle_dir(made, tmp_path):
+    """A fresh copy, so a test may change it."""
+    return shutil.copytree(made[0], tmp_path / "bundle")
+
+
+@pytest.fixture
+def query(made):
+    return made[1]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file's bytes, except the empty lock file that registry commands create on first use."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, *words) -> str:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def _by_hand(bundle_dir: Path, files: list[Path], task: str) -> np.ndarray:
+    """Softmax [N, C] from backbone.onnx features and generator.onnx's head, outside the Predictor."""
+    bundle = Bundle.open(bundle_dir)
+    images = to_input(np.stack([load_image(f, bundle.preprocess) for f in files]), bundle.preprocess)
+    feats = ort.InferenceSession(str(bundle.graph_path("backbone"))).run(["features"], {"images": images})[0]
+    head = ort.InferenceSession(str(bundle.graph_path("generator"))).run(
+        ["head"], {"prototypes": bundle.load_prototypes(task)})[0]
+    return softmax(feats.astype(np.float64) @ head.T.astype(np.float64))
+
+
+# --- prediction --------------------------------------------------------------------------------------
+
+
+def test_folders_are_walked_recursively_skipping_hidden_and_non_images(query):
+    assert image_files([query]) == [query / f for f in QUERY_FILES]
+    # A named file is taken as given, even with an unusual suffix; decoding decides.
+    assert image_files([query / "notes.txt", query]) == [query / "notes.txt", *(query / f for f in QUERY_FILES)]
+    with pytest.raises(DataError, match="no file or folder .*missing.png: check the path"):
+        image_files([query / "missing.png"])
+
+
+def test_json_output_for_a_file_and_a_folder(bundle_dir, query):
+    result = _cli("predict", query / "six" / "0.png", query, "--bundle", bundle_dir, "--task", "c", "--json")
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.stdout)  # stdout holds the JSON list and nothing else
+    assert [p["path"] for p in predictions] == [str(query / "six" / "0.png"), *(str(query / f) for f in QUERY_FILES)]
+    classes = Bundle.open(bundle_dir).task("c").class_names
+    for p in predictions:
+        assert set(p) == {"path", "task", "label", "confidence"}
+        assert p["task"] == "c" and p["label"] in classes and 0.0 <= p["confidence"] <= 1.0
+
+
+def test_labels_and_confidences_match_the_graphs_by_hand(bundle_dir, query):
+    files = [query / f for f in QUERY_FILES]
+    bundle = Bundle.open(bundle_dir)
+    with Predictor(bundle, runtime="onnxruntime-cpu") as predictor:
+        for task in ("a", "b", "c"):
+            probs = _by_hand(bundle_dir, files, task)
+            predictions = predictor.predict(files, task=task, batch_size=3)  # 2 batches
+            names = bundle.task(task).class_names
+            assert [p["label"] for p in predictions] == [names[i] for i in probs.argmax(1)]
+            np.testing.assert_allclose([p["confidence"] for p in predictions], probs.max(1), rtol=1e-5, atol=1e-6)
+        assert set(predictor.heads) == {"a", "b", "c"}
+        assert predictor.heads["c"].shape == (4, bundle.feature_dim) and predictor.heads["c"].dtype == np.float32
+
+        # --any-task: the (task, class) of the highest confidence over all tasks.
+        confidences = {t: _by_hand(bundle_dir, files, t) for t in ("a", "b", "c")}
+        best = [max(confidences, key=lambda t: confidences[t][i].max()) for i in range(len(files))]
+        predictions = predictor.predict(files, any_task=True)
+        assert [p["task"] for p in predictions] == best
+        assert [p["label"] for p in predictions] == [
+            bundle.task(t).class_names[confidences[t][i].argmax()] for i, t in enumerate(best)]
+
+
+def test_the_default_task_is_the_only_or_the_newest_one(bundle_dir, query, caplog):
+    bundle = Bundle.open(bundle_dir)
+    file = query / "top.png"
+    with Predictor(bundle, runtime="onnxruntime-cpu") as predictor, caplog.at_level(logging.INFO, "pah_edge"):
+        # a and b were exported in the same second as or before c; c was registered last.
+        assert [p["task"] for p in predictor.predict([file])] == ["c"]
+        assert "using task 'c', the newest of 3" in caplog.text
+        bundle.remove_task("a")
+        bundle.remove_task("c")
+        caplog.clear()
+        assert [p["task"] for p in predictor.predict([file])] == ["b"]
+        assert "using task" not in caplog.text  # one task: nothing to explain
+
+
+def test_task_any_task_and_default_from_the_cli(bundle_dir, query):
+    def tasks_of(*flags):
+        result = _cli("predict", query, "--bundle", bundle_dir, "--json", *flags)
+        assert result.exit_code == 0, result.output
+        return {p["task"] for p in json.loads(result.stdout)}
+
+    assert tasks_of("--task", "a") == {"a"}
+    assert tasks_of() == {"c"}
+    assert tasks_of("--any-task") <= {"a", "b", "c"}
+
+    result = _cli("predict", query / "six", "--bundle", bundle_dir, "--task", "c")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(query / "six" / "0.png"))
+    path, name, confidence = lines[0].split()
+    assert name.startswith("c/digit") and confidence.endswith("%") and 0 <= float(confidence[:-1]) <= 100
+
+
+def test_unreadable_images_are_skipped_with_one_warning(bundle_dir, query, tmp_path, caplog):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with Predictor(Bundle.open(bundle_dir), runtime="onnxruntime-cpu") as predictor, caplog.at_level(logging.WARNING):
+        predictions = predictor.predict([broken, query / "top.png"])
+        assert [p["path"] for p in predictions] == [str(query / "top.png")]
+        assert "skipped 1 unreadable image(s) (" in caplog.text and "of 2" in caplog.text
+        with pytest.raises(DataError, match="none of the 1 image"):
+            predictor.predict([broken])
+        (tmp_path / "texts").mkdir()
+        (tmp_path / "texts" / "notes.txt").write_text("no image")
+        with pytest.raises(DataError, match="no images"):
+            predictor.predict([tmp_path / "texts"])
+        with pytest.raises(ConfigError, match="not both"):
+            predictor.predict([query], task="a", any_task=True)
+        with pytest.raises(BundleError, match="no task 'zz' .*registered tasks: a, b, c"):
+            predictor.predict([query], task="zz")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--task", "zz"], ["no task 'zz'", "registered tasks: a, b, c"]),
+    (["--task", "a", "--any-task"], ["--task NAME or --any-task, not both"]),
+    (["--runtime", "torch"], ["unknown runtime 'torch'", "onnxruntime"]),
+])
+def test_bad_predict_options_are_one_line_errors(bundle_dir, query, args, words):
+    before = _tree(bundle_dir)
+    _one_line_error(_cli("predict", query, "--bundle", bundle_dir, *args), *words)
+    assert _tree(bundle_dir) == before
+
+
+def test_bad_predict_paths_are_one_line_errors(bundle_dir, query, tmp_path):
+    before = _tree(bundle_dir)
+    _one_line_error(_cli("predict", query / "nope.png", "--bundle", bundle_dir), "no file or folder", "nope.png")
+    _one_line_error(_cli("predict", query, "--bundle", tmp_path / "none"), "no bundle at", "pah-edge export")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(_cli("predict", empty, "--bundle", bundle_dir), "no images (.png, .jpg, .jpeg, .bmp) in")
+    assert _tree(bundle_dir) == before
+
+
+def test_a_bundle_without_tasks_names_the_fix(bundle_dir, query):
+    bundle = Bundle.open(bundle_dir)
+    for record in bundle.tasks():
+        bundle.remove_task(record.name)
+    _one_line_error(_cli("predict", query, "--bundle", bundle_dir), "has no tasks", "pah-edge learn-task")
+    result = _cli("tasks", "--bundle", bundle_dir)
+    assert result.exit_code == 0 and "no tasks in" in result.stdout
+
+
+# --- the task registry commands ----------------------------------------------------------------------
+
+
+def test_tasks_lists_the_registry(bundle_dir):
+    result = _cli("tasks", "--bundle", bundle_dir, "--json")
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert listed == [r.to_dict() for r in Bundle.open(bundle_dir).tasks()]
+    assert [(t["name"], len(t["class_names"]), t["source"]) for t in listed] == [
+        ("a", 3, "workstation"), ("b", 3, "workstation"), ("c", 4, "device")]
+
+    result = _cli("tasks", "--bundle", bundle_dir)
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
+    c = listed[2]
+    assert set(rows) == {"a", "b", "c"}
+    for text in ("4 (digit6, digit7, digit8, ...)", str(c["images_seen"]), f"{100 * c['accuracy']:.1f}%",
+                 c["created"][:10], str(c["bytes"]), "device"):
+        assert text in rows["c"], (text, rows["c"])
+
+
+def test_remove_and_rename_round_trip(bundle_dir):
+    c_prototypes = Bundle.open(bundle_dir).load_prototypes("c")
+    result = _cli("tasks", "rename", "c", "sevens", "--bundle", bundle_dir)
+    assert result.exit_code == 0 and "renamed task 'c' to 'sevens'" in result.stdout, result.output
+    result = _cli("tasks", "remove", "a", "--bundle", bundle_dir)
+    assert result.exit_code == 0 and "removed task 'a'" in result.stdout, result.output
+    bundle = Bundle.open(bundle_dir)
+    assert [r.name for r in bundle.tasks()] == ["b", "sevens"]
+    np.testing.assert_array_equal(bundle.load_prototypes("sevens"), c_prototypes)
+    assert not (bundle_dir / "tasks" / "a.npz").exists()
+    result = _cli("tasks", "--bundle", bundle_dir, "rename", "sevens", "c")  # --bundle of the group counts too
+    assert result.exit_code == 0, result.output
+    assert [r.name for r in Bundle.open(bundle_dir).tasks()] == ["b", "c"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["remove", "zz"], ["no task 'zz'", "registered tasks: a, b, c"]),
+    (["rename", "zz", "y"], ["no task 'zz'", "registered tasks: a, b, c"]),
+    (["rename", "a", "b"], ["task 'b' already exists"]),
+    (["rename", "a", "bad/name"], ["invalid task name 'bad/name'", "A-Z a-z 0-9"]),
+    (["rename", "a", ".hidden"], ["invalid task name '.hidden'"]),
+])
+def test_bad_task_commands_are_one_line_errors_and_change_nothing(bundle_dir, args, words):
+    before = _tree(bundle_dir)
+    _one_line_error(_cli("tasks", *args, "--bundle", bundle_dir), *words)
+    assert _tree(bundle_dir) == before
+
+
+@pytest.mark.parametrize("command, option", [
+    (["predict"], "--any-task"), (["tasks"], "--json"), (["tasks", "remove"], "--bundle"),
+    (["tasks", "rename"], "--bundle"), (["demo"], "--limit-per-class"),
+])
+def test_help_of_the_new_commands(command, option):
+    result = _cli(*command, "--help")
+    assert result.exit_code == 0 and option in result.stdout, result.output
