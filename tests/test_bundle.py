@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image_folder
+from tiny_bundle import export_tiny_run
 
 from pah_edge.bundle import Bundle, BundleError, validate_task_name
-from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,17 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, mnist_digits):
     """A bundle exported from a 1-epoch tiny run on real digits; tests mutate copies of it."""
-    from pah_edge.export.bundle_writer import export_bundle
-    from pah_edge.trainer import run_training
-
     root = tmp_path_factory.mktemp("bundle")
-    folder = write_image_folder(root / "digits", mnist_digits, {"a": [0, 1, 2], "b": [3, 4, 5, 6]}, per_class=10)
-    cfg = RunConfig(data=DataConfig(folder=str(folder)),
-                    model=ModelConfig(backbone="tiny_cnn", image_size=28, prototype_size=8),
-                    train=TrainConfig(epochs=1))
-    run_training(cfg, root / "run", show_progress=False)
-    export_bundle(root / "run", root / "bundle", simplify=False)
-    return root / "bundle"
+    return export_tiny_run(root, mnist_digits, {"a": [0, 1, 2], "b": [3, 4, 5, 6]}, per_class=10)
 
 
 @pytest.fixture

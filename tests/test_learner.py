@@ -22,6 +22,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import write_image_folder
+from tiny_bundle import export_tiny_run
 from PIL import Image
 
 from pah_edge.bundle import Bundle, BundleError
@@ -44,18 +45,8 @@ NO_TORCH = "import sys; sys.modules['torch'] = None; from pah_edge.cli import ma
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, mnist_digits):
     """A bundle from tiny_cnn trained 2 epochs on digits 0-2 and 3-4 (20 images per class)."""
-    from pah_edge.export.bundle_writer import export_bundle
-    from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from pah_edge.trainer import run_training
-
     root = tmp_path_factory.mktemp("learner")
-    folder = write_image_folder(root / "base", mnist_digits, {"a": [0, 1, 2], "b": [3, 4]}, per_class=20)
-    cfg = RunConfig(data=DataConfig(folder=str(folder)),
-                    model=ModelConfig(backbone="tiny_cnn", image_size=28, prototype_size=8),
-                    train=TrainConfig(epochs=2))
-    run_training(cfg, root / "run", show_progress=False)
-    export_bundle(root / "run", root / "bundle", simplify=False)
-    return root / "bundle"
+    return export_tiny_run(root, mnist_digits, {"a": [0, 1, 2], "b": [3, 4]}, per_class=20, epochs=2)
 
 
 @pytest.fixture

@@ -14,19 +14,26 @@ LAYOUT = {"a": [0, 1, 2], "b": [3, 4, 5]}
 DEVICE_TASK = ("c", [6, 7, 8, 9])
 
 
-def make_tiny_bundle(root: Path, digits: dict) -> Path:
-    """Train, export and extend a bundle under ``root``; returns the bundle directory."""
-    from pah_edge.bundle import Bundle
+def export_tiny_run(root: Path, digits: dict, layout: dict, *, per_class: int, epochs: int = 1) -> Path:
+    """Train tiny_cnn on ``layout`` ({task: [digit, ...]}) of real digits and export it; returns the bundle."""
     from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from pah_edge.export.bundle_writer import export_bundle
     from pah_edge.trainer import run_training
 
-    folder = write_image_folder(root / "digits", digits, LAYOUT, per_class=20)
+    folder = write_image_folder(root / "digits", digits, layout, per_class=per_class)
     cfg = RunConfig(data=DataConfig(folder=str(folder)),
                     model=ModelConfig(backbone="tiny_cnn", image_size=28, prototype_size=8),
-                    train=TrainConfig(epochs=1))
+                    train=TrainConfig(epochs=epochs))
     run_training(cfg, root / "run", show_progress=False)
     export_bundle(root / "run", root / "bundle", simplify=False)
+    return root / "bundle"
+
+
+def make_tiny_bundle(root: Path, digits: dict) -> Path:
+    """Train, export and extend a bundle under ``root``; returns the bundle directory."""
+    from pah_edge.bundle import Bundle
+
+    export_tiny_run(root, digits, LAYOUT, per_class=20)
     bundle = Bundle.open(root / "bundle")
     name, classes = DEVICE_TASK
     prototypes, accuracy = _fit_prototypes(bundle, [digits[d][:30] for d in classes])
