@@ -9,8 +9,6 @@ per method, and prints a Markdown table for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -19,6 +17,7 @@ from datetime import date
 from pathlib import Path
 
 from pah_edge.atomic import atomic_write_json
+from pah_edge.machine import machine_info
 from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, library_versions
 from pah_edge.trainer import run_training
 
@@ -55,7 +54,7 @@ def main() -> None:
     report = {
         "command": "python " + " ".join(sys.argv),
         "date": date.today().isoformat(),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "device": args.device},
+        "machine": {**machine_info(), "device": args.device},
         "versions": library_versions(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "summary_percent": summary,
@@ -63,17 +62,6 @@ def main() -> None:
     }
     atomic_write_json(args.out, report)
     print(_markdown(summary))
-
-
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _config(args, method: str, seed: int) -> RunConfig:

