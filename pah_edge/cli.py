@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from pah_edge.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT_PER_CLASS
 from pah_edge.errors import PahEdgeError
 
 app = typer.Typer(
@@ -237,8 +238,8 @@ def _print_tasks(records) -> None:
 @user_errors
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the run, the bundle, the images and summary.json."),
-    epochs: int = typer.Option(1, help="Epochs per task of the base training."),
-    limit_per_class: int = typer.Option(200, help="Images per class and split of the base training."),
+    epochs: int = typer.Option(DEFAULT_EPOCHS, help="Epochs per task of the base training."),
+    limit_per_class: int = typer.Option(DEFAULT_LIMIT_PER_CLASS, help="Images per class and split of the base training."),
     force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier demo in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ):

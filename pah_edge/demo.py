@@ -43,7 +43,13 @@ class HeldOut:
     label: str  # class name, as the task that holds it names it
 
 
-def run_demo(out: Path, *, epochs: int = 1, limit_per_class: int = 200, force: bool = False,
+# The base training of the main job: ~1 minute on 2 CPU cores for 93% average accuracy; at 1 epoch x
+# 200 images the base reaches 76% and its features are too weak to show a new task being learned.
+DEFAULT_EPOCHS = 3
+DEFAULT_LIMIT_PER_CLASS = 500
+
+
+def run_demo(out: Path, *, epochs: int = DEFAULT_EPOCHS, limit_per_class: int = DEFAULT_LIMIT_PER_CLASS, force: bool = False,
              progress: bool = True) -> dict:
     """Run every stage into ``out``; returns the summary also written to ``out/summary.json``.
 

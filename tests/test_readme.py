@@ -98,7 +98,7 @@ def test_main_job_options_are_accepted_by_the_cli(monkeypatch, tmp_path):
     assert result.exit_code == 1 and "stopped before the work" in result.output, result.output
     assert _main_job_args()[0] == "demo"
     assert seen["out"] == Path("demo")  # the prose: "demo/new_images/", "demo/summary.json"
-    assert seen["epochs"] == 1 and seen["limit_per_class"] == 200  # the prose: "about 3 minutes on 2 CPU cores"
+    assert seen["epochs"] == 3 and seen["limit_per_class"] == 500  # the prose: "about 1 minute on 2 CPU cores"
     assert pah_edge.demo.BACKBONE == "mobilenet_v3_small" and pah_edge.demo.RUNTIME == "onnxruntime-cpu"
 
 
