@@ -92,8 +92,9 @@ def train(
                           stability=stability, seed=seed, device=device),
     )
     metrics = run_training(cfg, out, resume=resume, show_progress=progress)
-    typer.echo(f"average accuracy {100 * metrics['average_accuracy']:.2f}%  forgetting {100 * metrics['forgetting']:.2f}%  "
-               f"BWT {100 * metrics['bwt']:+.2f}%  -> {out / 'metrics.json'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here; one summary is enough
+        typer.echo(f"average accuracy {100 * metrics['average_accuracy']:.2f}%  forgetting {100 * metrics['forgetting']:.2f}%  "
+                   f"BWT {100 * metrics['bwt']:+.2f}%  -> {out / 'metrics.json'}")
 
 
 @app.command("learn-task")
