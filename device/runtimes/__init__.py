@@ -59,7 +59,7 @@ def create_runner(kind: str, model_path=None, **kw) -> Runner:
 
         return TensorRTRunner(model_path, **kw)
     if kind == "torch":
-        from pah_edge.device.runtimes.torch import TorchRunner
+        from pah_edge.export.torch_runner import TorchRunner  # workstation side: it needs torch
 
         return TorchRunner(**kw)
     raise PahEdgeError(f"unknown runtime {kind!r}: choose one of {', '.join(KINDS)}")

@@ -1,7 +1,7 @@
 """Built-in benchmarks as task sequences: classes 0..K-1 are dealt into tasks in label order.
 
 Datasets are read in their standard distribution formats; only the images a task uses are
-decoded and resized. Nothing is downloaded unless download=True.
+decoded and resized. Nothing is downloaded unless the caller asks for it (--download).
 """
 
 from __future__ import annotations

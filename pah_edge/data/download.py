@@ -1,4 +1,4 @@
-"""Fetching the standard benchmark archives; only ever called with download=True."""
+"""Fetching the standard benchmark archives; only called when the user passes --download."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """PyTorch reference runner: the ground truth that ``verify`` compares the other runtimes against.
 
-The only module under ``device/`` that imports torch; ``create_runner("torch", ...)`` imports it
-lazily so the device side never pays for torch.
+It lives on the workstation side (``export/``) because it needs torch; ``create_runner("torch", ...)``
+imports it lazily, so the device side never pays for torch.
 """
 
 from __future__ import annotations
