@@ -11,8 +11,6 @@ never written: zero forgetting by construction. Nothing here imports torch.
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from pah_edge.device.images import (BatchStream, ClassFolders, check_no_class_em
 from pah_edge.device.prototype_init import initial_prototypes, thumbnails
 from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.errors import ConfigError
+from pah_edge.machine import peak_rss_mb
 
 log = logging.getLogger("pah_edge")
 
@@ -272,22 +271,6 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
         "bytes_stored": record.bytes,
         "file": record.file,
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB (MiB).
-
-    Linux's VmHWM first: ``ru_maxrss`` survives exec, so a process started by a big parent (a test
-    runner holding torch) would report the parent's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def summary_line(report: dict) -> str:

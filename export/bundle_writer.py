@@ -6,7 +6,6 @@ export that fails (parity, a crash, Ctrl-C) leaves any previous bundle untouched
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from pah_edge.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
 from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from pah_edge.config import RunConfig, library_versions
 from pah_edge.errors import CheckpointError, ConfigError, DataError
-from pah_edge.export.graphs import BackboneGraph, GeneratorGraph, LearnerStepGraph
+from pah_edge.export.graphs import LearnerStepGraph
 from pah_edge.export.onnx_export import GRAPH_TOLERANCES, ExportError, OnnxGraph, onnx_from_torch, torch_outputs
 from pah_edge.export.parity_inputs import Inputs, backbone_inputs, learner_step_inputs, prototype_sets
 from pah_edge.hypernetwork import TaskMLPGenerator
@@ -147,19 +146,19 @@ def _export_graphs(model: PAHModel, preprocess: Preprocess, tasks: list[dict], o
     images_in = [torch.from_numpy(a) for _, a in backbone_inputs(preprocess, task_protos, images)]
     shape = (generator.channels, generator.size, generator.size)
     proto_sets = [a for _, a in prototype_sets(task_protos, shape, fixed)]
-    backbone_graph = BackboneGraph(model.backbone).eval()
-    features = np.concatenate([torch_outputs(backbone_graph, (x,), ["features"])["features"] for x in images_in])
+    backbone = model.backbone.eval()
+    features = np.concatenate([torch_outputs(backbone, (x,), ["features"])["features"] for x in images_in])
     steps = [tuple(map(torch.from_numpy, batch)) for batch in learner_step_inputs(proto_sets, features)]
     proto_sets = [torch.from_numpy(p) for p in proto_sets]
     class_axis = {0: "C"} if fixed is None else {}
     common = {"opset": opset, "simplify": simplify}
     return {
         "backbone": onnx_from_torch(
-            backbone_graph, (images_in[0],), out / GRAPH_FILES["backbone"],
+            backbone, (images_in[0],), out / GRAPH_FILES["backbone"],
             input_names=["images"], output_names=["features"], dynamic_axes={"images": {0: "N"}, "features": {0: "N"}},
             tolerance=GRAPH_TOLERANCES["backbone"], check_inputs=[(x,) for x in images_in[1:]], **common),
         "generator": onnx_from_torch(
-            GeneratorGraph(generator), (proto_sets[0],), out / GRAPH_FILES["generator"],
+            generator, (proto_sets[0],), out / GRAPH_FILES["generator"],
             input_names=["prototypes"], output_names=["head"],
             dynamic_axes={"prototypes": class_axis, "head": class_axis},
             tolerance=GRAPH_TOLERANCES["generator"], check_inputs=[(p,) for p in proto_sets[1:]], **common),
@@ -206,7 +205,7 @@ def _manifest(cfg: RunConfig, state: dict, model: PAHModel, preprocess: Preproce
                    for name, (ins, outs) in shapes.items()},
         "files": {g.path.name: sha256_file(g.path) for g in graphs.values()},
         "training": _training_metrics(ckpt_path, state),
-        "versions": _versions(),
+        "versions": library_versions("onnxslim", "onnxscript"),
         "source_checkpoint": {"path": str(ckpt_path.resolve()), "sha256": sha256_file(ckpt_path)},
     }
 
@@ -217,16 +216,6 @@ def _training_metrics(ckpt_path: Path, state: dict) -> dict:
         return json.loads((ckpt_path.parent / "metrics.json").read_text())
     except (OSError, ValueError):
         return summarize(state["acc_matrix"]) if state["acc_matrix"] else {}
-
-
-def _versions() -> dict[str, str]:
-    versions = library_versions()
-    for dist in ("onnxslim", "onnxscript"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def _report(out_dir: Path, ckpt_path: Path, state: dict, manifest: dict, graphs: dict[str, OnnxGraph],

@@ -1,7 +1,6 @@
-"""The three graphs a bundle ships, as torch modules that ``onnx_from_torch`` exports.
+"""The learner-step graph; the bundle's other two graphs export ``model.backbone`` (images
+[N, 3, S, S] -> features [N, D]) and ``model.generator`` (prototypes [C, c, s, s] -> head [C, D]) as they are.
 
-- ``BackboneGraph``: images [N, 3, S, S] -> features [N, D].
-- ``GeneratorGraph``: prototypes [C, c, s, s] -> head [C, D].
 - ``LearnerStepGraph``: (prototypes, features [N, D], labels int64 [N]) -> (loss, grad): one step of
   on-device learning without autograd. The backward pass is written out by hand (and through the
   generator's ``vjp``), so the graph has no training ops and runs in any inference runtime.
@@ -15,30 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pah_edge.backbones import Backbone
 from pah_edge.hypernetwork import PrototypeGenerator
-
-
-class BackboneGraph(nn.Module):
-    """images [N, 3, S, S] (normalised) -> features [N, D]."""
-
-    def __init__(self, backbone: Backbone):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
-
-
-class GeneratorGraph(nn.Module):
-    """prototypes [C, c, s, s] -> head [C, D]; logits are ``features @ head.T``."""
-
-    def __init__(self, generator: PrototypeGenerator):
-        super().__init__()
-        self.generator = generator
-
-    def forward(self, prototypes: torch.Tensor) -> torch.Tensor:
-        return self.generator(prototypes)
 
 
 class LearnerStepGraph(nn.Module):

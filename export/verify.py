@@ -106,10 +106,10 @@ def _run_torch(bundle: Bundle, feeds: dict) -> tuple[dict | None, str]:
         return None, f"skipped ({checkpoint} changed since the export)"
     from pah_edge.checkpoint import load_checkpoint, model_from_checkpoint
     from pah_edge.device.runtimes import create_runner
-    from pah_edge.export.graphs import BackboneGraph, GeneratorGraph, LearnerStepGraph
+    from pah_edge.export.graphs import LearnerStepGraph
 
     model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
-    modules = {"backbone": BackboneGraph(model.backbone), "generator": GeneratorGraph(model.generator),
+    modules = {"backbone": model.backbone, "generator": model.generator,
                "learner_step": LearnerStepGraph(model.generator)}
     results = {}
     for graph, module in modules.items():

@@ -111,10 +111,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=m, train=t)
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape a run's numbers, for reproducibility records."""
+def library_versions(*extra: str) -> dict[str, str]:
+    """Versions of the libraries that shape a run's numbers (plus ``extra`` distributions), when installed."""
     versions = {"python": platform.python_version()}
-    for dist in ("pah-edge", "torch", "torchvision", "numpy", "onnx", "onnxruntime"):
+    for dist in ("pah-edge", "torch", "torchvision", "numpy", "onnx", "onnxruntime", *extra):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
