@@ -259,6 +259,7 @@ def bench_bundle(label: str, path: Path, digits: dict, args, work: Path) -> list
                         "acc_ncm": _acc(ncm_scores(x_train, y_train, x_test, classes), y_test),
                         "acc_probe": _acc(probe_scores(x_train, y_train, x_test, classes), y_test),
                         "learn_task_val_accuracy": rep["val_accuracy"], "learn_task_steps": rep["steps"],
+                        "prototype_shape": list(bundle.prototype_shape),
                         "bytes_stored": rep["bytes_stored"], "head_bytes": classes * dim * 4,
                         "feature_seconds": rep["feature_seconds"], "optimise_seconds": rep["optimise_seconds"],
                         "wall_seconds": rep["wall_seconds"], "backbone_pass_seconds": pass_s,

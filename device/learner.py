@@ -1,11 +1,13 @@
 """On-device learning of a new task: only its prototypes, with the backbone and generator frozen.
 
-    minimise over P_new:  CE( B(x) @ H(P_new)^T , y )
+    minimise over P_new:  CE( B(x) @ H(P_new)^T , y )  (+ a pull to the start, see prototype_fit)
 
 Features ``B(x)`` do not depend on ``P_new``, so they are computed once (forward-only, on the
-fastest runtime here) and cached; Adam then steps the prototypes with the gradient that
-``learner_step.onnx`` computes, early-stopped on validation loss. Old tasks, ``B`` and ``H`` are
-never written: zero forgetting by construction. Nothing here imports torch.
+fastest runtime here) and cached. The prototypes start at the class-mean classifier (linear
+generators) or the class-mean thumbnails (others), and Adam fits them with the gradient that
+``learner_step.onnx`` computes: first without the validation images, to report an honest
+validation accuracy, then on every image for the stored task. Old tasks, ``B`` and ``H`` are never
+written: zero forgetting by construction. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,8 @@ from pah_edge.data.splits import class_rng
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner, max_batch
 from pah_edge.device.images import (BatchStream, ClassFolders, check_no_class_empty, scan_class_folders, warn_ignored,
                                     warn_skipped)
-from pah_edge.device.prototype_init import initial_prototypes, thumbnails
+from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_prototypes
+from pah_edge.device.prototype_init import class_mean_head, initial_prototypes, least_squares_prototypes, thumbnails
 from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.errors import ConfigError
 from pah_edge.machine import peak_rss_mb
@@ -35,35 +38,9 @@ MAX_BATCH = 64
 # keeps a 4 GB Jetson clear of swapping, not a measurement.
 ACTIVATION_FACTOR = 20
 BUDGET_SHARE = 0.25  # of --budget-mb given to one batch; the rest covers runtime, cache and Python
-FULL_BATCH_MAX = 2048  # train images up to which every step sees all of them
-MINIBATCH = 256
-MIN_REL_IMPROVEMENT = 1e-4  # a monitored loss must fall by this fraction to count as progress
+# Generators whose head is linear in the prototypes: they start from the class-mean classifier.
+LINEAR_GENERATORS = ("classwise-linear",)
 LOCK_WAIT_S = 600.0
-
-
-@dataclass
-class Adam:
-    """Adam (Kingma & Ba) on one numpy array, with bias correction."""
-
-    lr: float
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    steps: int = 0
-    _m: np.ndarray | None = field(default=None, repr=False)
-    _v: np.ndarray | None = field(default=None, repr=False)
-
-    def step(self, params: np.ndarray, grad: np.ndarray) -> np.ndarray:
-        """The updated parameters (float32); ``params`` is left as it is."""
-        grad = np.asarray(grad, np.float64)
-        if self._m is None:
-            self._m, self._v = np.zeros_like(grad), np.zeros_like(grad)
-        self.steps += 1
-        self._m = self.beta1 * self._m + (1 - self.beta1) * grad
-        self._v = self.beta2 * self._v + (1 - self.beta2) * grad * grad
-        m_hat = self._m / (1 - self.beta1 ** self.steps)
-        v_hat = self._v / (1 - self.beta2 ** self.steps)
-        return (params - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)).astype(np.float32)
 
 
 def batch_size_for(budget_mb: float, image_size: int) -> int:
@@ -128,66 +105,6 @@ def extract_features(runner: Runner, folders: ClassFolders, bundle: Bundle, batc
     return Features(features[read], labels[read], thumbs[read], stream.skipped, seconds)
 
 
-class PrototypeObjective:
-    """Loss and gradient of the new task's cross-entropy w.r.t. its prototypes, via learner_step.onnx."""
-
-    def __init__(self, runner: Runner):
-        self.runner = runner
-
-    def __call__(self, prototypes: np.ndarray, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-        out = self.runner.infer({"prototypes": prototypes, "features": features, "labels": labels})
-        return float(out["loss"]), out["grad"]
-
-
-@dataclass
-class OptimiseResult:
-    prototypes: np.ndarray  # the best, by the monitored loss
-    steps: int
-    stopped_early: bool
-    initial_loss: float
-    best_loss: float
-    seconds: float
-
-
-def optimise_prototypes(objective: PrototypeObjective, init: np.ndarray, train: tuple[np.ndarray, np.ndarray],
-                        val: tuple[np.ndarray, np.ndarray] | None, *, max_steps: int, lr: float, patience: int,
-                        seed: int, progress: bool = False) -> OptimiseResult:
-    """Adam on the prototypes only, keeping the best by validation loss (train loss without val images).
-
-    Stops after ``patience`` steps without a relative improvement of 1e-4 in the monitored loss.
-    Full-batch up to 2,048 train images, else a random minibatch of 256 per step.
-    """
-    start = time.perf_counter()
-    features, labels = train
-    monitored = val if val is not None else train
-    rng = np.random.default_rng(seed)
-    adam = Adam(lr)
-    params = best = np.ascontiguousarray(init, np.float32)
-    initial = best_loss = reference = objective(params, *monitored)[0]
-    since_progress, stopped_early = 0, False
-    with _progress_bar(progress, "prototypes", max_steps) as advance:
-        for _ in range(max_steps):
-            if len(labels) > FULL_BATCH_MAX:
-                pick = np.sort(rng.choice(len(labels), MINIBATCH, replace=False))
-                _, grad = objective(params, features[pick], labels[pick])
-            else:
-                _, grad = objective(params, features, labels)
-            params = adam.step(params, grad)
-            loss = objective(params, *monitored)[0]
-            advance(1)
-            if loss < best_loss:
-                best, best_loss = params, loss
-            # Patience counts steps since the last real progress, so a slow crawl still stops.
-            if loss < reference * (1 - MIN_REL_IMPROVEMENT):
-                reference, since_progress = loss, 0
-            else:
-                since_progress += 1
-                if since_progress >= patience:
-                    stopped_early = True
-                    break
-    return OptimiseResult(best, adam.steps, stopped_early, initial, best_loss, time.perf_counter() - start)
-
-
 def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float | None:
     """Fraction of ``features`` whose largest logit ``features @ heads.T`` is their label; None if empty."""
     if len(labels) == 0:
@@ -197,26 +114,26 @@ def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> flo
 
 def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, budget_mb: float = 300,
                runtime: str = "auto", replace: bool = False, val_fraction: float = 0.2, max_steps: int = 300,
-               lr: float = 0.05, patience: int = 25, seed: int = 0, progress: bool = True,
+               lr: float = 0.5, weight: float = 0.01, patience: int = 25, seed: int = 0, progress: bool = True,
                lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
     """Learn the task in ``folder`` (``<class>/<images>``) into ``bundle``; returns the report.
 
     Everything that can be checked is checked before any image is decoded. The bundle's lock is
     held from the name check to the registration (another learn-task waits up to ``lock_wait_s``
     s), and nothing is written before the final registration, so an interrupted run leaves the
-    bundle as it was. ``budget_mb`` (MB) bounds the backbone batch.
+    bundle as it was. ``budget_mb`` (MB) bounds the backbone batch. ``lr``, ``weight``,
+    ``patience``, ``max_steps``: see ``prototype_fit.fit_prototypes``.
 
     Report: name, classes (names), images {train, val}, skipped (unreadable images),
-    ignored_files, train_accuracy and val_accuracy (fractions; val None without val images),
-    initial_loss and best_loss (monitored cross-entropy), steps, stopped_early, runtime, batch_size,
-    feature_images_per_s (decoding included), feature_seconds, optimise_seconds, wall_seconds (s),
-    peak_rss_mb (MB), bytes_stored and file (the task's npz).
+    ignored_files, train_accuracy (final fit, all images) and val_accuracy (the fit without the
+    validation images; None without them), initial_loss and final_loss (cross-entropy of the final
+    fit), steps, converged, runtime, batch_size, feature_images_per_s (decoding included),
+    feature_seconds, optimise_seconds, wall_seconds (s), peak_rss_mb (MB), bytes_stored and file.
     """
     wall = time.perf_counter()
-    _check_options(val_fraction=val_fraction, max_steps=max_steps, lr=lr, patience=patience)
+    _check_options(val_fraction=val_fraction, max_steps=max_steps, lr=lr, weight=weight, patience=patience)
     folders = scan_class_folders(folder)
     name = validate_task_name(name) if name is not None else task_name_from(folders.root.resolve().name)
-    classes = len(folders.class_names)
     _check_class_count(bundle, folders)
     batch = batch_size_for(budget_mb, bundle.preprocess.image_size)
     with ExitStack() as stack:
@@ -237,15 +154,22 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
         warn_skipped(extracted.skipped, folders.num_images)
 
         train, val = split_train_val(extracted.labels, folders.class_names, val_fraction, seed)
-        init = initial_prototypes(extracted.thumbs[train], extracted.labels[train], classes)
+        everything = np.arange(len(extracted.labels))
+        start = _starting_prototypes(bundle, heads_of, extracted, len(folders.class_names))
+        with _progress_bar(progress, "prototypes", max_steps * (2 if len(val) else 1)) as advance:
+            def fit(indices) -> FitResult:
+                return fit_prototypes(objective, start(indices), extracted.features[indices], extracted.labels[indices],
+                                      max_steps=max_steps, lr=lr, weight=weight, patience=patience, seed=seed,
+                                      advance=advance)
+            held_out = fit(train) if len(val) else None
+            result = fit(everything)
 
-        def subset(indices):
-            return extracted.features[indices], extracted.labels[indices]
+        def accuracy_of(prototypes, indices):
+            return accuracy(heads_of.infer({"prototypes": prototypes})["head"], extracted.features[indices],
+                            extracted.labels[indices])
 
-        result = optimise_prototypes(objective, init, subset(train), subset(val) if len(val) else None,
-                                     max_steps=max_steps, lr=lr, patience=patience, seed=seed, progress=progress)
-        heads = heads_of.infer({"prototypes": result.prototypes})["head"]
-        train_acc, val_acc = accuracy(heads, *subset(train)), accuracy(heads, *subset(val))
+        train_acc = accuracy_of(result.prototypes, everything)
+        val_acc = accuracy_of(held_out.prototypes, val) if held_out is not None else None
         record = bundle.add_task(name=name, class_names=folders.class_names, prototypes=result.prototypes,
                                  images_seen=len(extracted.labels), source="device", replace=replace,
                                  accuracy=val_acc if val_acc is not None else train_acc)
@@ -258,19 +182,35 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
         "train_accuracy": train_acc,
         "val_accuracy": val_acc,
         "initial_loss": result.initial_loss,
-        "best_loss": result.best_loss,
+        "final_loss": result.final_loss,
         "steps": result.steps,
-        "stopped_early": result.stopped_early,
+        "converged": result.converged,
         "runtime": backbone.name,
         "batch_size": batch,
         "feature_images_per_s": len(extracted.labels) / extracted.seconds if extracted.seconds > 0 else None,
         "feature_seconds": extracted.seconds,
-        "optimise_seconds": result.seconds,
+        "optimise_seconds": result.seconds + (held_out.seconds if held_out is not None else 0.0),
         "wall_seconds": time.perf_counter() - wall,
         "peak_rss_mb": peak_rss_mb(),
         "bytes_stored": record.bytes,
         "file": record.file,
     }
+
+
+def _starting_prototypes(bundle: Bundle, generator: Runner, extracted: Features, classes: int):
+    """``start(indices)`` -> float32 [C, c, s, s]: the prototypes a fit on those images starts from."""
+    shape = bundle.prototype_shape
+    if bundle.generator_kind not in LINEAR_GENERATORS:
+        return lambda indices: initial_prototypes(extracted.thumbs[indices], extracted.labels[indices], classes)
+    # A linear generator's head of the k-th unit prototype is its k-th basis head.
+    units = np.eye(int(np.prod(shape)), dtype=np.float32).reshape(-1, *shape)
+    basis = generator.infer({"prototypes": units})["head"]
+
+    def start(indices):
+        heads = class_mean_head(extracted.features[indices], extracted.labels[indices], classes)
+        return least_squares_prototypes(basis, heads, shape)
+
+    return start
 
 
 def summary_line(report: dict) -> str:
@@ -290,13 +230,15 @@ def _check_class_count(bundle: Bundle, folders: ClassFolders) -> None:
                           f"has {classes}; give it {fixed} class folders")
 
 
-def _check_options(*, val_fraction: float, max_steps: int, lr: float, patience: int) -> None:
+def _check_options(*, val_fraction: float, max_steps: int, lr: float, weight: float, patience: int) -> None:
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction is a fraction in [0, 1), got {val_fraction!r}")
     if max_steps < 1 or patience < 1:
         raise ConfigError(f"max_steps and patience must be >= 1, got {max_steps} and {patience}")
     if not lr > 0:
         raise ConfigError(f"lr must be positive, got {lr!r}")
+    if not weight >= 0:
+        raise ConfigError(f"weight must be 0 or more, got {weight!r}")
 
 
 @contextmanager

@@ -1,4 +1,8 @@
-"""The paper's data init for a new task's prototypes, in numpy (the device has no torch).
+"""Initial prototypes of a new task, in numpy (the device has no torch).
+
+Linear generators start from the least-squares prototypes of the nearest-class-mean head
+(``class_mean_head``, ``least_squares_prototypes``): learning starts at the class-mean classifier,
+projected into the generator's span. Other generators use the paper's data init below.
 
 A class's initial prototype is its mean normalised training image, averaged over RGB when the
 prototypes have one channel, then area-pooled to ``s x s`` exactly as torch's
@@ -43,3 +47,33 @@ def initial_prototypes(thumbs: np.ndarray, labels: np.ndarray, num_classes: int)
     np.add.at(sums, labels, thumbs)
     counts = np.bincount(labels, minlength=num_classes)
     return (sums / counts[:, None, None, None]).astype(np.float32)
+
+
+# Logit scale of the class-mean start: a cosine of 1 gives logit 10, so softmax starts confident
+# but not saturated and the gradient has room to sharpen the head.
+MEAN_HEAD_TEMPERATURE = 10.0
+
+
+def class_mean_head(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                    temperature: float = MEAN_HEAD_TEMPERATURE) -> np.ndarray:
+    """float64 [C, D]: the nearest-class-mean classifier as a bias-free linear head on raw features.
+
+    Row c is the normalised mean of class c's normalised features, scaled so that a feature of the
+    task's mean norm gets logit ``temperature * cosine``.
+    """
+    feats = np.asarray(features, np.float64)
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    unit = feats / np.maximum(norms, 1e-12)
+    sums = np.zeros((num_classes, feats.shape[1]))
+    np.add.at(sums, labels, unit)
+    means = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    return temperature / max(float(norms.mean()), 1e-12) * means
+
+
+def least_squares_prototypes(basis: np.ndarray, heads: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 [C, *shape]: prototypes whose linear generator heads are closest to ``heads`` [C, D].
+
+    ``basis`` [K, D] is the generator applied to the K unit prototypes (its head for prototype e_k).
+    """
+    solution, *_ = np.linalg.lstsq(np.asarray(basis, np.float64).T, np.asarray(heads, np.float64).T, rcond=None)
+    return solution.T.reshape(len(heads), *shape).astype(np.float32)

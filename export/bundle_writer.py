@@ -30,7 +30,7 @@ from pah_edge.metrics import summarize
 from pah_edge.model import PAHModel
 from pah_edge.preprocess import Preprocess
 
-EXPORTABLE_GENERATORS = ("classwise", "task-mlp")
+EXPORTABLE_GENERATORS = ("classwise-linear", "classwise", "task-mlp")
 GRAPH_FILES = {"backbone": "backbone.onnx", "generator": "generator.onnx", "learner_step": "learner_step.onnx"}
 
 
@@ -112,7 +112,7 @@ def _check_exportable(cfg: RunConfig, ckpt_path: Path, backbone: str | None) -> 
     if cfg.model.generator not in EXPORTABLE_GENERATORS:
         raise ExportError(f"{ckpt_path} was trained with the {cfg.model.generator} generator (a stored head per "
                           "task), which has no prototypes to learn on the device; export a run trained with "
-                          "--generator classwise or task-mlp")
+                          "--generator classwise-linear, classwise or task-mlp")
     if backbone is not None and canonical_backbone_name(backbone) != canonical_backbone_name(cfg.model.backbone):
         raise ConfigError(f"{ckpt_path} is a {cfg.model.backbone} run, not {canonical_backbone_name(backbone)}; "
                           f"pass --backbone {cfg.model.backbone} or another --checkpoint")

@@ -308,7 +308,7 @@ class Bundle:
             raise BundleError(f"{classes} prototypes but {num_class_names} class names; give one name per class")
         if self.fixed_num_classes is not None and classes != self.fixed_num_classes:
             raise BundleError(f"this bundle's task-mlp generator takes exactly {self.fixed_num_classes} classes per "
-                              f"task, got {classes}; export a run trained with --generator classwise for any count")
+                              f"task, got {classes}; export a run trained with --generator classwise-linear for any count")
         if not np.isfinite(prototypes).all():
             raise BundleError("prototypes contain NaN or infinity; learn the task again")
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pah_edge.backbones import Backbone, create_backbone
-from pah_edge.config import ModelConfig
+from pah_edge.config import ModelConfig, auto_prototype_size
 from pah_edge.hypernetwork import Generator, PrototypeGenerator, create_generator
 
 
@@ -65,7 +65,7 @@ def build_model(cfg: ModelConfig, *, first_task_classes: int, load_weights: bool
         cfg.generator,
         feature_dim=backbone.feature_dim,
         channels=cfg.prototype_channels,
-        size=cfg.prototype_size,
+        size=cfg.prototype_size or auto_prototype_size(backbone.feature_dim, cfg.prototype_channels),
         hidden_dim=cfg.hidden_dim,
         num_classes=first_task_classes,
     )

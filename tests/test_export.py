@@ -41,13 +41,15 @@ def _train(folder: Path, out: Path, *, generator="classwise", method="pah", epoc
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mnist_digits):
-    """Tiny runs on real digits: classwise (3- and 7-class tasks), task-mlp (two 3-class tasks), lwf."""
+    """Tiny runs on real digits: classwise and classwise-linear (3- and 7-class tasks), task-mlp (two 3-class
+    tasks), lwf."""
     root = tmp_path_factory.mktemp("export")
     mixed = write_image_folder(root / "mixed", mnist_digits, {"a": [0, 1, 2], "b": [3, 4, 5, 6, 7, 8, 9]}, per_class=20)
     equal = write_image_folder(root / "equal", mnist_digits, {"a": [0, 1, 2], "b": [3, 4, 5]}, per_class=20)
     return {
         "images": mixed,
         "classwise": _train(mixed, root / "runs" / "classwise"),
+        "classwise-linear": _train(mixed, root / "runs" / "classwise-linear", generator="classwise-linear"),
         "task-mlp": _train(equal, root / "runs" / "task-mlp", generator="task-mlp"),
         "lwf": _train(equal, root / "runs" / "lwf", method="lwf", epochs=1),
     }
@@ -58,7 +60,7 @@ def bundles(runs, tmp_path_factory):
     """{generator: (bundle dir, report)} exported with the digit folder as parity images."""
     root = tmp_path_factory.mktemp("bundles")
     return {kind: (root / kind, export_bundle(runs[kind], root / kind, images=runs["images"]))
-            for kind in ("classwise", "task-mlp")}
+            for kind in ("classwise", "classwise-linear", "task-mlp")}
 
 
 def _errors_within(report):
@@ -108,7 +110,7 @@ def _digit_features(bundle: Bundle, folder: Path) -> np.ndarray:
     return ort.InferenceSession(str(bundle.graph_path("backbone"))).run(["features"], {"images": images})[0]
 
 
-@pytest.mark.parametrize("kind", ["classwise", "task-mlp"])
+@pytest.mark.parametrize("kind", ["classwise", "classwise-linear", "task-mlp"])
 def test_learner_step_matches_autograd_for_any_class_count(runs, bundles, kind):
     """loss and d loss / d prototypes from the ONNX graph vs torch autograd, C = 3 and 12 on one graph."""
     bundle = Bundle.open(bundles[kind][0])
@@ -117,7 +119,7 @@ def test_learner_step_matches_autograd_for_any_class_count(runs, bundles, kind):
     step = ort.InferenceSession(str(bundle.graph_path("learner_step")))
     heads = ort.InferenceSession(str(bundle.graph_path("generator")))
     rng = np.random.default_rng(1)
-    for classes in [3, 12] if kind == "classwise" else [3]:
+    for classes in [3] if kind == "task-mlp" else [3, 12]:
         protos = rng.standard_normal((classes, 1, 8, 8), dtype=np.float32)
         labels = rng.integers(0, classes, len(features))
         loss, grad = step.run(["loss", "grad"], {"prototypes": protos, "features": features, "labels": labels})

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pah_edge.config import auto_prototype_size
 from pah_edge.errors import ConfigError
 from pah_edge.hypernetwork import create_generator
 
@@ -12,15 +13,17 @@ def _make(kind, num_classes=3, size=6, hidden=16):
     return create_generator(kind, feature_dim=D, channels=1, size=size, hidden_dim=hidden, num_classes=num_classes)
 
 
+@pytest.mark.parametrize("kind", ["classwise-linear", "classwise"])
 @pytest.mark.parametrize("num_classes", [2, 3, 12])
-def test_classwise_generates_a_head_for_any_class_count(num_classes):
-    gen = _make("classwise")
+def test_classwise_generates_a_head_for_any_class_count(kind, num_classes):
+    gen = _make(kind)
     head = gen(torch.randn(gen.param_shape(num_classes)))
     assert head.shape == (num_classes, D)
 
 
-def test_classwise_rows_depend_only_on_their_own_prototype():
-    gen = _make("classwise")
+@pytest.mark.parametrize("kind", ["classwise-linear", "classwise"])
+def test_classwise_rows_depend_only_on_their_own_prototype(kind):
+    gen = _make(kind)
     protos = torch.randn(gen.param_shape(4))
     changed = protos.clone()
     changed[2] += 1.0
@@ -58,16 +61,22 @@ def _fit_heads(gen, target, steps=600):
     return loss.item() / (target**2).mean().item()
 
 
-def test_frozen_classwise_generator_reaches_unseen_heads_that_task_mlp_cannot():
+@pytest.mark.parametrize("kind", ["classwise-linear", "classwise"])
+def test_frozen_classwise_generator_reaches_unseen_heads_that_task_mlp_cannot(kind):
     """The design goal: a frozen generator can express heads for classes it never saw."""
     target = torch.randn(3, D, generator=torch.Generator().manual_seed(1))
-    classwise = _fit_heads(_make("classwise", size=6), target)  # K = 36 >= D
+    classwise = _fit_heads(_make(kind, size=6), target)  # K = 36 >= D
     paper = _fit_heads(_make("task-mlp", size=6, hidden=16), target)  # heads confined to a 16-dim span
     assert classwise < 1e-3
     assert paper > 0.2
 
 
-@pytest.mark.parametrize("kind", ["classwise", "task-mlp", "linear-head"])
+def test_auto_prototype_size_keeps_a_task_within_half_a_linear_head():
+    assert [auto_prototype_size(d, 1) for d in (576, 960, 1280, 32)] == [16, 21, 25, 4]
+    assert auto_prototype_size(1280, 3) == 14 and auto_prototype_size(2, 1) == 1
+
+
+@pytest.mark.parametrize("kind", ["classwise-linear", "classwise", "task-mlp", "linear-head"])
 def test_vjp_matches_autograd(kind):
     gen = _make(kind, num_classes=3).double()
     with torch.no_grad():  # non-zero last layer so the MLP path contributes to the gradient

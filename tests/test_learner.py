@@ -26,8 +26,10 @@ from tiny_bundle import export_tiny_run
 from PIL import Image
 
 from pah_edge.bundle import Bundle, BundleError
-from pah_edge.device.learner import Adam, PrototypeObjective, batch_size_for, learn_task, split_train_val
-from pah_edge.device.prototype_init import adaptive_avg_pool, initial_prototypes, thumbnails
+from pah_edge.device.learner import batch_size_for, learn_task, split_train_val
+from pah_edge.device.prototype_fit import Adam, PrototypeObjective, fit_prototypes
+from pah_edge.device.prototype_init import (adaptive_avg_pool, class_mean_head, initial_prototypes,
+                                           least_squares_prototypes, thumbnails)
 from pah_edge.device.runtimes import create_runner
 from pah_edge.errors import ConfigError
 from pah_edge.hypernetwork import ClasswiseGenerator
@@ -37,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 NEW_DIGITS = [5, 6, 7, 8, 9]
 REPORT_KEYS = {"name", "classes", "images", "skipped", "train_accuracy", "val_accuracy", "feature_images_per_s",
                "feature_seconds", "optimise_seconds", "wall_seconds", "peak_rss_mb", "runtime", "bytes_stored",
-               "steps", "stopped_early"}
+               "steps", "converged", "initial_loss", "final_loss"}
 # The device has no torch: a child that imports it fails.
 NO_TORCH = "import sys; sys.modules['torch'] = None; from pah_edge.cli import main; sys.argv[0] = 'pah-edge'; main()"
 
@@ -223,18 +225,60 @@ def test_adam_matches_torch():
 
 def test_one_adam_step_through_the_step_graph_lowers_the_loss(exported, new_task):
     bundle = Bundle.open(exported)
-    files = [f for d in NEW_DIGITS for f in sorted((new_task / f"digit{d}").glob("*.png"))[:8]]
-    inputs = to_input(np.stack([load_image(f, bundle.preprocess) for f in files]), bundle.preprocess)
-    labels = np.asarray([NEW_DIGITS.index(int(f.parent.name[-1])) for f in files], np.int64)
-    with create_runner("onnxruntime-cpu", bundle.graph_path("backbone")) as backbone, \
-            create_runner("onnxruntime-cpu", bundle.graph_path("learner_step")) as step:
-        features = backbone.infer({"images": inputs})["features"]
+    features, labels = _digit_features(bundle, new_task)
+    with create_runner("onnxruntime-cpu", bundle.graph_path("learner_step")) as step:
         objective = PrototypeObjective(step)
-        prototypes = initial_prototypes(thumbnails(inputs, 1, 8), labels, 5)
+        prototypes = np.random.default_rng(3).standard_normal((5, *bundle.prototype_shape)).astype(np.float32)
         loss, grad = objective(prototypes, features, labels)
         assert grad.shape == prototypes.shape and np.abs(grad).max() > 0
         after, _ = objective(Adam(0.01).step(prototypes, grad), features, labels)
     assert after < loss, (loss, after)
+
+
+def test_class_mean_head_is_the_cosine_nearest_class_mean():
+    rng = np.random.default_rng(0)
+    features = np.abs(rng.standard_normal((60, 12))) * rng.uniform(0.5, 3, (60, 1))  # varied norms
+    labels = np.repeat(np.arange(3), 20)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    means = np.stack([unit[labels == c].mean(0) for c in range(3)])
+    cosine = unit @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T
+    logits = features @ class_mean_head(features, labels, 3, temperature=10.0).T
+    assert np.array_equal(logits.argmax(1), cosine.argmax(1))
+    mean_norm = np.linalg.norm(features, axis=1).mean()  # a feature of mean norm gets 10 x its cosine
+    np.testing.assert_allclose(logits, 10 * cosine * np.linalg.norm(features, axis=1, keepdims=True) / mean_norm)
+
+
+def test_least_squares_prototypes_reproduce_heads_in_the_generators_span(exported):
+    bundle = Bundle.open(exported)
+    assert bundle.generator_kind == "classwise-linear"
+    shape = bundle.prototype_shape
+    with create_runner("onnxruntime-cpu", bundle.graph_path("generator")) as generator:
+        basis = generator.infer({"prototypes": np.eye(int(np.prod(shape)), dtype=np.float32).reshape(-1, *shape)})["head"]
+        wanted = np.random.default_rng(1).standard_normal((4, *shape)).astype(np.float32)
+        heads = generator.infer({"prototypes": wanted})["head"]
+        fitted = least_squares_prototypes(basis, heads, shape)
+        np.testing.assert_allclose(generator.infer({"prototypes": fitted})["head"], heads, rtol=1e-4, atol=1e-4)
+
+
+def _digit_features(bundle: Bundle, new_task: Path):
+    files = [f for d in NEW_DIGITS for f in sorted((new_task / f"digit{d}").glob("*.png"))[:8]]
+    inputs = to_input(np.stack([load_image(f, bundle.preprocess) for f in files]), bundle.preprocess)
+    labels = np.asarray([NEW_DIGITS.index(int(f.parent.name[-1])) for f in files], np.int64)
+    with create_runner("onnxruntime-cpu", bundle.graph_path("backbone")) as backbone:
+        return backbone.infer({"images": inputs})["features"], labels
+
+
+def test_the_pull_to_the_start_bounds_how_far_the_fit_moves(exported, new_task):
+    bundle = Bundle.open(exported)
+    features, labels = _digit_features(bundle, new_task)
+    start = np.random.default_rng(2).standard_normal((5, *bundle.prototype_shape)).astype(np.float32)
+    with create_runner("onnxruntime-cpu", bundle.graph_path("learner_step")) as step:
+        objective = PrototypeObjective(step)
+        fits = {w: fit_prototypes(objective, start, features, labels, max_steps=60, lr=0.5, weight=w, patience=60,
+                                  seed=0) for w in (0.0, 100.0)}
+    moved = {w: np.linalg.norm(f.prototypes - start) for w, f in fits.items()}
+    assert moved[100.0] < 0.5 * moved[0.0], moved
+    assert fits[0.0].final_loss < fits[0.0].initial_loss and fits[0.0].steps == 60
 
 
 def test_split_is_per_class_deterministic_and_keeps_a_train_image():
