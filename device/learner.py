@@ -25,7 +25,7 @@ from pah_edge.data.splits import class_rng
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner, max_batch
 from pah_edge.device.images import (BatchStream, ClassFolders, check_no_class_empty, scan_class_folders, warn_ignored,
                                     warn_skipped)
-from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_prototypes
+from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_prototypes, orthonormal_coordinates
 from pah_edge.device.prototype_init import class_mean_head, initial_prototypes, least_squares_prototypes, thumbnails
 from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.errors import ConfigError
@@ -155,14 +155,15 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
 
         train, val = split_train_val(extracted.labels, folders.class_names, val_fraction, seed)
         everything = np.arange(len(extracted.labels))
-        start = _starting_prototypes(bundle, heads_of, extracted, len(folders.class_names))
+        start, coordinates = _starting_point(bundle, heads_of, extracted, len(folders.class_names))
         with _progress_bar(progress, "prototypes", max_steps * (2 if len(val) else 1)) as advance:
-            def fit(indices) -> FitResult:
+            def fit(indices, warm=None) -> FitResult:
                 return fit_prototypes(objective, start(indices), extracted.features[indices], extracted.labels[indices],
                                       max_steps=max_steps, lr=lr, weight=weight, patience=patience, seed=seed,
-                                      advance=advance)
+                                      coordinates=coordinates, warm=warm, advance=advance)
             held_out = fit(train) if len(val) else None
-            result = fit(everything)
+            # Most images are shared: the held-out fit is a close start for the final one.
+            result = fit(everything, warm=held_out.prototypes if held_out is not None else None)
 
         def accuracy_of(prototypes, indices):
             return accuracy(heads_of.infer({"prototypes": prototypes})["head"], extracted.features[indices],
@@ -197,11 +198,12 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
     }
 
 
-def _starting_prototypes(bundle: Bundle, generator: Runner, extracted: Features, classes: int):
-    """``start(indices)`` -> float32 [C, c, s, s]: the prototypes a fit on those images starts from."""
+def _starting_point(bundle: Bundle, generator: Runner, extracted: Features, classes: int):
+    """(``start(indices)`` -> float32 [C, c, s, s] that a fit on those images starts from, the fit's
+    coordinates: see ``fit_prototypes``)."""
     shape = bundle.prototype_shape
     if bundle.generator_kind not in LINEAR_GENERATORS:
-        return lambda indices: initial_prototypes(extracted.thumbs[indices], extracted.labels[indices], classes)
+        return lambda indices: initial_prototypes(extracted.thumbs[indices], extracted.labels[indices], classes), None
     # A linear generator's head of the k-th unit prototype is its k-th basis head.
     units = np.eye(int(np.prod(shape)), dtype=np.float32).reshape(-1, *shape)
     basis = generator.infer({"prototypes": units})["head"]
@@ -210,7 +212,7 @@ def _starting_prototypes(bundle: Bundle, generator: Runner, extracted: Features,
         heads = class_mean_head(extracted.features[indices], extracted.labels[indices], classes)
         return least_squares_prototypes(basis, heads, shape)
 
-    return start
+    return start, orthonormal_coordinates(basis)
 
 
 def summary_line(report: dict) -> str:
