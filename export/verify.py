@@ -96,14 +96,30 @@ def _run_onnxruntime(graph: Path, feeds: list[dict]) -> list[dict]:
 
 def _run_torch(bundle: Bundle, feeds: dict) -> tuple[dict | None, str]:
     """(outputs per graph, "ok") from the source checkpoint's model, or (None, "skipped (reason)")."""
+    runners, why_not = torch_runners(bundle)
+    if runners is None:
+        return None, f"skipped ({why_not})"
+    results = {}
+    for graph, runner in runners.items():
+        with runner:
+            results[graph] = [runner.infer(f) for f in feeds[graph]]
+    return results, "ok"
+
+
+def torch_runners(bundle: Bundle) -> tuple[dict | None, str | None]:
+    """({graph: inactive PyTorch runner} of the bundle's source checkpoint, None), or (None, why not).
+
+    The checkpoint counts only while it is where the export found it and unchanged since; torch is
+    imported only when it is installed and the checkpoint is there.
+    """
     if importlib.util.find_spec("torch") is None:
-        return None, "skipped (torch is not installed)"
+        return None, "torch is not installed"
     source = bundle.manifest.get("source_checkpoint") or {}
     checkpoint = Path(source.get("path", ""))
     if not source.get("path") or not checkpoint.is_file():
-        return None, f"skipped (source checkpoint {checkpoint} is not on this machine)"
+        return None, f"source checkpoint {checkpoint} is not on this machine"
     if sha256_file(checkpoint) != source.get("sha256"):
-        return None, f"skipped ({checkpoint} changed since the export)"
+        return None, f"{checkpoint} changed since the export"
     from pah_edge.checkpoint import load_checkpoint, model_from_checkpoint
     from pah_edge.device.runtimes import create_runner
     from pah_edge.export.graphs import LearnerStepGraph
@@ -111,14 +127,13 @@ def _run_torch(bundle: Bundle, feeds: dict) -> tuple[dict | None, str]:
     model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
     modules = {"backbone": model.backbone, "generator": model.generator,
                "learner_step": LearnerStepGraph(model.generator)}
-    results = {}
+    runners = {}
     for graph, module in modules.items():
         inputs, outputs = IO_NAMES[graph]
         specs = {n: (None, np.dtype(np.int64 if n == "labels" else np.float32)) for n in inputs}
-        with create_runner("torch", module=module, input_names=inputs, output_names=outputs,
-                           input_specs=specs) as runner:
-            results[graph] = [runner.infer(f) for f in feeds[graph]]
-    return results, "ok"
+        runners[graph] = create_runner("torch", module=module, input_names=inputs, output_names=outputs,
+                                       input_specs=specs)
+    return runners, None
 
 
 def _run_engines(bundle: Bundle, feeds: dict) -> dict[str, tuple[dict | None, str, dict]]:

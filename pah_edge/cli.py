@@ -402,6 +402,42 @@ def _print_verify_report(report: dict) -> None:
         typer.echo("nothing to compare: only ONNX Runtime is available here (hashes verified)")
 
 
+@app.command()
+@user_errors
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `pah-edge export` (never written by bench)."),
+    runtime: str = typer.Option("all", help="all, or some of onnxruntime,tensorrt,torch (torch: PyTorch eager, the reference)."),
+    precision: str = typer.Option("fp32,fp16,int8", help="Backbone precisions: fp32 (backbone.onnx), fp16 (TensorRT engine), int8 (backbone.int8.onnx or engine)."),
+    batch: str = typer.Option("1,8,32", help="Batch sizes of the backbone and learner step."),
+    iterations: int = typer.Option(50, help="Timed iterations per row (learn-task: at most 5 runs)."),
+    warmup: int = typer.Option(10, help="Untimed iterations before them (learn-task: at most 1)."),
+    images: Optional[Path] = typer.Option(None, help="Folder of real images to time on (default: synthetic images)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads of ONNX Runtime and torch (default: each runtime's own)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write {machine, settings, results, skipped} to this file."),
+    plot: Optional[Path] = typer.Option(None, help="Draw latency vs batch per runtime to this PNG (needs matplotlib)."),
+):
+    """Latency (p50/p90/p99 ms), throughput and memory of each component per runtime, precision and batch."""
+    from pah_edge.device.bench import BenchConfig, run_bench
+
+    config = BenchConfig.from_options(runtime=runtime, precision=precision, batch=batch, iterations=iterations,
+                                      warmup=warmup, images=images, threads=threads)
+    _print_bench(run_bench(bundle, config, json_path=json_out, plot_path=plot), json_out)
+
+
+def _print_bench(report: dict, json_out: Optional[Path]) -> None:
+    from pah_edge.device.bench import machine_line, table_rows
+
+    typer.echo(machine_line(report["machine"]))
+    rows = table_rows(report["results"])
+    for line in _aligned(rows, right=set(range(3, len(rows[0]) - 1))):
+        typer.echo(line)
+    for s in report["skipped"]:
+        where = ", ".join(f"{k} {s[k]}" for k in ("precision", "batch") if s[k] is not None)
+        typer.echo(f"skipped {s['component']} on {s['runtime']}{f' ({where})' if where else ''}: {s['reason']}")
+    if json_out is not None:
+        typer.echo(f"results -> {json_out}")
+
+
 def _setup_logging() -> None:
     """INFO from rank 0 only; Rich formatting on a terminal, plain unwrapped lines in logs and pipes."""
     rank = os.environ.get("RANK", "0")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+from pah_edge.config import library_versions
 
 
 def cpu_name() -> str:
@@ -20,13 +24,36 @@ def cpu_name() -> str:
     return platform.machine()
 
 
+def gpu_name() -> str | None:
+    """The first NVIDIA GPU's name (``nvidia-smi``, else a Jetson's device-tree model), or None."""
+    # Asked of the driver's tools, not of CUDA: creating a CUDA context here would cost GPU memory.
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        if out:
+            return out.splitlines()[0].strip()
+    try:
+        model = Path("/proc/device-tree/model").read_text().strip("\x00\n ")
+    except OSError:
+        return None
+    return model if "jetson" in model.lower() else None
+
+
 def machine_info() -> dict:
-    """CPU model, core count and OS, as recorded next to every benchmark result."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+    """CPU model, core count, OS, GPU (None without one) and library versions, as recorded next to every
+    benchmark result.
+
+    Versions come from package metadata, so recording torch's version never imports torch.
+    """
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(), "gpu": gpu_name(),
+            "versions": library_versions("tensorrt", "pycuda")}
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB (MiB).
+    """This process's peak resident memory in MB (MiB), since it started or since :func:`reset_peak_rss`.
 
     Linux's VmHWM first: ``ru_maxrss`` survives exec, so a process started by a big parent (a test
     runner holding torch) would report the parent's peak.
@@ -39,3 +66,16 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak that :func:`peak_rss_mb` reads to the current RSS; False where the OS cannot.
+
+    Linux (4.0+) resets VmHWM when "5" is written to /proc/self/clear_refs; then the peak covers only
+    what ran since, e.g. one benchmark row instead of the whole process.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

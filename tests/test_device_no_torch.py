@@ -1,4 +1,4 @@
-"""The device commands run where torch cannot be imported: `learn-task`, `predict` and `tasks`.
+"""The device commands run where torch cannot be imported: `learn-task`, `predict`, `tasks` and `bench`.
 
 A directory holding ``torch/__init__.py`` that raises ImportError goes first on PYTHONPATH of a
 subprocess running the real entry point, so any import of torch, direct or through another
@@ -23,12 +23,18 @@ REPO = Path(__file__).resolve().parents[1]
 BLOCKED = "torch is blocked in this test"
 
 
+def _blocker(folder: Path, *packages: str) -> Path:
+    """A folder of stub packages whose import raises ImportError, to go first on PYTHONPATH."""
+    for package in packages:
+        (folder / package).mkdir(parents=True)
+        (folder / package / "__init__.py").write_text(f"raise ImportError({BLOCKED!r})\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, mnist_digits):
     root = tmp_path_factory.mktemp("no_torch")
-    blocker = root / "blocker"
-    (blocker / "torch").mkdir(parents=True)
-    (blocker / "torch" / "__init__.py").write_text(f"raise ImportError({BLOCKED!r})\n")
+    blocker = _blocker(root / "blocker", "torch")
     new_task = write_image_folder(root / "new", mnist_digits, {"pairs": [1, 7]}, per_class=10) / "pairs"
     return make_tiny_bundle(root, mnist_digits), query_folder(root, mnist_digits), new_task, blocker
 
@@ -70,3 +76,38 @@ def test_learn_task_predict_and_tasks_run_without_torch(made):
     cli("tasks", "rename", "pairs", "ones-sevens", "--bundle", bundle_dir)
     cli("tasks", "remove", "ones-sevens", "--bundle", bundle_dir)
     assert [t.name for t in Bundle.open(bundle_dir).tasks()] == ["a", "b", "c"]
+
+
+def test_bench_runs_without_torch(made, tmp_path):
+    bundle_dir, _, _, blocker = made
+
+    def bench(*args):
+        result = _without_torch(blocker, "-m", "pah_edge.cli", "bench", bundle_dir, *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        return result.stdout
+
+    # The issue's acceptance command.
+    bench("--runtime", "onnxruntime", "--batch", "1,8", "--iterations", "50", "--json", tmp_path / "b.json")
+    rows = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert {r["batch"] for r in rows if r["component"] == "backbone"} == {1, 8}
+    for row in rows:
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["throughput_ips"] > 0 and row["rss_mb"] > 0
+
+    # Every runtime: the ones that cannot run are listed with their reasons, ONNX Runtime still measured.
+    out = bench("--runtime", "all", "--batch", "1", "--iterations", "2", "--warmup", "0")
+    assert f"skipped all on torch: torch is installed but cannot be imported ({BLOCKED})" in out
+    # Without TensorRT the whole runtime is skipped; with it, this bundle's missing engines are.
+    assert "skipped all on tensorrt: " in out or "skipped backbone on tensorrt (precision fp32): no engines/" in out
+    assert any(line.startswith("backbone") and "onnxruntime" in line for line in out.splitlines())
+
+
+def test_bench_plot_without_matplotlib_names_the_install(made, tmp_path):
+    bundle_dir = made[0]
+    blocker = _blocker(tmp_path / "blocker", "torch", "matplotlib")
+    result = _without_torch(blocker, "-m", "pah_edge.cli", "bench", bundle_dir, "--runtime", "onnxruntime",
+                            "--plot", tmp_path / "b.png")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --plot needs matplotlib: pip install matplotlib")
+    assert not (tmp_path / "b.png").exists()

@@ -1,0 +1,257 @@
+"""The components ``pah-edge bench`` times, each on one runtime and precision.
+
+A component is a generator of result rows (and of ``skip`` records for single batches it cannot
+run); it raises :class:`Skipped` when it cannot run at all on that runtime and precision. Graph
+runners come from ``create_runner`` on the bundle's files, so every precision's file is explicit:
+fp32 = ``backbone.onnx``, int8 = ``backbone.int8.onnx`` (``pah-edge calibrate``), TensorRT =
+``engines/backbone.<precision>.engine``. Torch is touched only through ``Context.torch`` runners.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pah_edge.bundle import Bundle
+from pah_edge.device.bench_inputs import BENCH_TASK, IMAGES_PER_CLASS, Inputs
+from pah_edge.device.bench_timing import NOISY_CV, measure
+from pah_edge.device.bundle_runners import backbone_engine, max_batch
+from pah_edge.device.learner import learn_task
+from pah_edge.device.predict import Predictor
+from pah_edge.device.runtimes import Runner, create_runner
+from pah_edge.device.runtimes.tensorrt import build_command
+from pah_edge.machine import peak_rss_mb, reset_peak_rss
+
+log = logging.getLogger("pah_edge")
+
+INT8_ONNX = "backbone.int8.onnx"
+LEARN_TASK_RUNS = 5  # learn-task takes seconds per run: at most this many timed runs, one warm-up
+DEVICE_PATH = ("predict-e2e", "learn-task")  # components that run the device's own code, not one graph
+DEVICE_PATH_ONLY = ("the device path runs on onnxruntime or tensorrt; PyTorch eager is the reference for the "
+                    "graphs (backbone, head-generation, learner-step) only")
+
+
+class Skipped(Exception):
+    """A component cannot run on this runtime and precision here; the message says why."""
+
+
+@dataclass
+class Context:
+    """What every component reads: the bundle (never written), its scratch copy, inputs and settings."""
+
+    bundle: Bundle
+    scratch: Bundle
+    inputs: Inputs
+    classes: int
+    warmup: int
+    iterations: int
+    batches: tuple[int, ...]
+    threads: int | None
+    torch: dict[str, Runner] = field(default_factory=dict)  # graph -> PyTorch runner, when torch runs
+    rss_per_row: bool = True  # False where the OS cannot reset the RSS high-water mark
+
+
+def skip(component: str, runtime: str, precision: str | None, reason: str, batch: int | None = None) -> dict:
+    """A skipped-measurement record, listed in the report next to the rows."""
+    return {"component": component, "runtime": runtime, "precision": precision, "batch": batch, "reason": reason}
+
+
+def graph_runner(ctx: Context, graph: str, runtime: str, precision: str) -> Runner:
+    """An inactive runner of ``graph`` (backbone, generator, learner_step) on ``runtime`` at ``precision``."""
+    if runtime == "torch":
+        if precision != "fp32":
+            raise Skipped("PyTorch eager is measured as the FP32 reference only")
+        return ctx.torch[graph]
+    if graph != "backbone":
+        if runtime == "tensorrt":
+            raise Skipped(f"no TensorRT engine of the {graph} graph: the device runs it on ONNX Runtime CPU")
+        # As on the device: heads on the CPU (generator_runner), the tiny step graph on one thread (learn_task).
+        return create_runner("onnxruntime-cpu", ctx.bundle.graph_path(graph),
+                             threads=1 if graph == "learner_step" else ctx.threads)
+    if runtime == "tensorrt":
+        engine = ctx.bundle.path / "engines" / f"backbone.{precision}.engine"
+        if not engine.is_file():
+            raise Skipped(f"no engines/{engine.name}: build it with {build_command(engine, precision)}")
+        return create_runner("tensorrt", engine)
+    if precision == "fp16":
+        raise Skipped("no FP16 ONNX graph for ONNX Runtime CPU: FP16 runs as a TensorRT engine")
+    path = ctx.bundle.graph_path("backbone") if precision == "fp32" else ctx.bundle.path / INT8_ONNX
+    if not path.is_file():
+        raise Skipped(f"no {INT8_ONNX}: run `pah-edge calibrate`")
+    return create_runner("onnxruntime", path, threads=ctx.threads)
+
+
+def timed_row(ctx: Context, call: Callable[[], float], *, items: int, labels: dict, iterations: int | None = None,
+              warmup: int | None = None) -> dict:
+    """Warm up and time ``call`` (returning ms); the row: ``labels``, latencies, throughput, RSS.
+
+    ``rss_mb`` is the process's peak resident memory while the row ran (the high-water mark is
+    reset first where the OS allows); it includes every library and session loaded before.
+    """
+    if ctx.rss_per_row:
+        reset_peak_rss()
+    timing = measure(call, warmup=ctx.warmup if warmup is None else warmup,
+                     iterations=ctx.iterations if iterations is None else iterations)
+    row = {**labels, **timing.fields(items), "rss_mb": peak_rss_mb()}
+    if timing.noisy:
+        log.warning("%s on %s %s, batch %s: latency varies (cv %.2f > %.2f); use more --warmup/--iterations or a "
+                    "quieter machine", labels["component"], labels["runtime"], labels["precision"], labels["batch"],
+                    timing.cv, NOISY_CV)
+    return row
+
+
+def runner_row(ctx: Context, runner: Runner, feeds: dict[str, np.ndarray], *, items: int, labels: dict) -> dict:
+    """Time ``runner.infer(feeds)``: wall time, or on TensorRT the engine's GPU time (CUDA events)."""
+    on_gpu = runner.name == "tensorrt"
+    walls: list[float] = []
+
+    def call() -> float:
+        runner.infer(feeds)
+        walls.append(runner.last_infer_ms)
+        return runner.last_gpu_ms if on_gpu else runner.last_infer_ms
+
+    row = timed_row(ctx, call, items=items, labels={**labels, "runner": runner.name,
+                                                     "timing": "cuda-events" if on_gpu else "wall"})
+    if on_gpu:
+        # Host copies included: what a caller of the engine waits for.
+        row["wall_p50_ms"] = float(np.percentile(walls[-row["iterations"]:], 50))
+        row["device_mem_mb"] = device_mem_mb()
+    return row
+
+
+def device_mem_mb() -> float:
+    """GPU memory in use (MB, whole device) in the current CUDA context: TensorRT's buffers persist
+    after the timed iterations, so this includes their peak; other processes count too."""
+    import pycuda.driver as cuda  # present wherever a TensorRT runner ran
+
+    free, total = cuda.mem_get_info()
+    return (total - free) / 2**20
+
+
+def backbone(ctx: Context, runtime: str, precision: str) -> Iterator[dict]:
+    """images [N, 3, S, S] -> features [N, D]; N = each --batch."""
+    with graph_runner(ctx, "backbone", runtime, precision) as runner:
+        limit = max_batch(runner)
+        for batch in ctx.batches:
+            if limit is not None and batch > limit:
+                yield skip("backbone", runtime, precision, f"batch {batch} is beyond the engine's profile (max "
+                           f"{limit}): rebuild it with `pah-edge build-engine --batch 1,8,{batch}`", batch)
+                continue
+            feeds = {"images": ctx.inputs.batch(batch, ctx.bundle.preprocess)}
+            yield runner_row(ctx, runner, feeds, items=batch, labels=_labels("backbone", runtime, precision, batch))
+
+
+def head_generation(ctx: Context, runtime: str, precision: str) -> Iterator[dict]:
+    """prototypes [C, c, s, s] -> head [C, D] for one task of C classes; items are classes."""
+    feeds = {"prototypes": _prototypes(ctx)}
+    with graph_runner(ctx, "generator", runtime, precision) as runner:
+        yield runner_row(ctx, runner, feeds, items=ctx.classes,
+                         labels=_labels("head-generation", runtime, precision, ctx.classes))
+
+
+def learner_step(ctx: Context, runtime: str, precision: str) -> Iterator[dict]:
+    """One prototype gradient of a C-class task on N cached features; N = each --batch."""
+    rng = np.random.default_rng(0)
+    with graph_runner(ctx, "learner_step", runtime, precision) as runner:
+        for batch in ctx.batches:
+            feeds = {"prototypes": _prototypes(ctx),
+                     "features": rng.standard_normal((batch, ctx.bundle.feature_dim), dtype=np.float32),
+                     "labels": np.arange(batch, dtype=np.int64) % ctx.classes}
+            yield runner_row(ctx, runner, feeds, items=batch, labels=_labels("learner-step", runtime, precision, batch))
+
+
+def predict_e2e(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
+    """One image file -> decode, resize, preprocess, backbone, cached head, softmax: ``Predictor.predict``."""
+    if runtime == "torch":
+        raise Skipped(DEVICE_PATH_ONLY)
+    runner = graph_runner(ctx, "backbone", runtime, precision)
+    predictor = Predictor(ctx.scratch, runtime="onnxruntime-cpu")
+    # Predictor picks its backbone by runtime only; the runner of this precision replaces it before
+    # activation, so everything else timed is Predictor's own path.
+    predictor.backbone = runner
+    files = [ctx.inputs.frame]
+
+    def call() -> float:
+        start = time.perf_counter()
+        predictor.predict(files, task=BENCH_TASK, batch_size=1)
+        return (time.perf_counter() - start) * 1e3
+
+    with _quiet(), predictor:
+        row = timed_row(ctx, call, items=1, labels={**_labels("predict-e2e", runtime, precision, 1),
+                                                     "runner": runner.name, "timing": "wall"})
+    yield row
+
+
+def learn_task_run(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
+    """``learn_task`` on the synthetic (or --images) task in the scratch copy; items are its images.
+
+    learn-task picks its backbone itself (precision ``auto``): ONNX Runtime's FP32 graph, or on
+    TensorRT the fastest engine built.
+    """
+    if runtime == "torch":
+        raise Skipped(DEVICE_PATH_ONLY)
+    if runtime == "tensorrt" and backbone_engine(ctx.scratch) is None:
+        raise Skipped(f"no TensorRT engine in {ctx.bundle.path / 'engines'}: build one with "
+                      f"`pah-edge build-engine {ctx.bundle.path}`")
+    images = ctx.classes * IMAGES_PER_CLASS
+    runner_names = []
+
+    def call() -> float:
+        start = time.perf_counter()
+        report = learn_task(ctx.scratch, ctx.inputs.learn_folder, name="bench-learned", runtime=runtime,
+                            replace=True, progress=False)
+        runner_names.append(report["runtime"])
+        return (time.perf_counter() - start) * 1e3
+
+    with _quiet():
+        row = timed_row(ctx, call, items=images, labels=_labels("learn-task", runtime, precision, images),
+                        iterations=min(ctx.iterations, LEARN_TASK_RUNS), warmup=min(ctx.warmup, 1))
+    yield {**row, "runner": runner_names[-1], "timing": "wall"}
+
+
+COMPONENTS: dict[str, Callable[[Context, str, str], Iterator[dict]]] = {
+    "backbone": backbone,
+    "head-generation": head_generation,
+    "learner-step": learner_step,
+    "predict-e2e": predict_e2e,
+    "learn-task": learn_task_run,
+}
+
+
+def component_precisions(component: str, runtime: str, requested: tuple[str, ...]) -> tuple[str | None, ...]:
+    """The precisions a component is timed at on ``runtime``.
+
+    The backbone's are chosen (``requested``); the generator and learner step exist in FP32 only (the
+    device runs them so whatever the backbone's precision); learn-task picks its own backbone
+    (``auto``). The device path does not run on torch at all: one skip (None), not one per precision.
+    """
+    if runtime == "torch" and component in DEVICE_PATH:
+        return (None,)
+    if component in ("backbone", "predict-e2e"):
+        return requested
+    return ("auto",) if component == "learn-task" else ("fp32",)
+
+
+def _labels(component: str, runtime: str, precision: str, batch: int) -> dict:
+    return {"component": component, "runtime": runtime, "precision": precision, "batch": batch}
+
+
+def _prototypes(ctx: Context) -> np.ndarray:
+    shape = (ctx.classes, *ctx.bundle.prototype_shape)
+    return 0.1 * np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+
+
+@contextmanager
+def _quiet():
+    """Predictor and learn_task log each start at INFO; timed dozens of times, that is noise."""
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

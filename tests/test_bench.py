@@ -1,0 +1,223 @@
+"""`pah-edge bench` (`pah_edge.device.bench`): rows, skips, ratios, outputs and bad arguments, on the tiny bundle.
+
+One measured report per module (ONNX Runtime and PyTorch eager, few iterations); the runs without
+torch are in test_device_no_torch.py. TensorRT cannot run here: its rows are checked on a GPU only.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from tiny_bundle import make_tiny_bundle, query_folder
+from typer.testing import CliRunner
+
+from pah_edge.cli import app
+from pah_edge.device.bench import BenchConfig, add_ratios, run_bench
+from pah_edge.device.bench_timing import NOISY_CV, Timing, measure
+from pah_edge.device.runtimes import tensorrt_problem
+from pah_edge.errors import ConfigError
+
+REQUIRED = ("component", "runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "rss_mb",
+            "cv", "iterations", "speedup_vs_torch")
+COMPONENTS = ("backbone", "head-generation", "learner-step", "predict-e2e", "learn-task")
+QUICK = {"iterations": 5, "warmup": 1, "threads": 1}
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, mnist_digits):
+    root = tmp_path_factory.mktemp("bench")
+    return make_tiny_bundle(root, mnist_digits), query_folder(root, mnist_digits), root
+
+
+@pytest.fixture(scope="module")
+def measured(made):
+    """(report, JSON path, plot path, bundle files before, bundle files after) of one ORT + torch run."""
+    bundle, _, root = made
+    before = _files(bundle)
+    config = BenchConfig(runtimes=("onnxruntime", "torch"), batches=(1, 4), **QUICK)
+    report = run_bench(bundle, config, json_path=root / "out" / "b.json", plot_path=root / "out" / "b.png")
+    return report, root / "out" / "b.json", root / "out" / "b.png", before, _files(bundle)
+
+
+def _row(report, component, runtime, batch, precision="fp32"):
+    (row,) = [r for r in report["results"] if (r["component"], r["runtime"], r["batch"], r["precision"])
+              == (component, runtime, batch, precision)]
+    return row
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+def test_rows_have_the_schema_and_sane_values(measured):
+    report, json_path, *_ = measured
+    assert json.loads(json_path.read_text()) == report
+    assert set(report) == {"machine", "settings", "results", "skipped"}
+    assert {"cpu", "cores", "gpu", "versions"} <= set(report["machine"])
+    assert "onnxruntime" in report["machine"]["versions"]
+    for row in report["results"]:
+        assert all(key in row for key in REQUIRED), row
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"], row
+        assert row["throughput_ips"] == pytest.approx(row["batch"] * 1000 / row["p50_ms"])
+        assert row["rss_mb"] > 0 and row["cv"] >= 0
+        assert "device_mem_mb" not in row  # no GPU rows here
+    assert report["settings"]["inputs"] == "synthetic"
+
+
+def test_every_component_runs_on_onnxruntime_and_the_graphs_on_torch(measured):
+    report = measured[0]
+    ran = {(r["component"], r["runtime"]) for r in report["results"]}
+    assert {(c, "onnxruntime") for c in COMPONENTS} <= ran
+    assert {(c, "torch") for c in ("backbone", "head-generation", "learner-step")} <= ran
+    assert {r["batch"] for r in report["results"] if r["component"] in ("backbone", "learner-step")} == {1, 4}
+    assert _row(report, "predict-e2e", "onnxruntime", 1)["iterations"] == QUICK["iterations"]
+    learn = _row(report, "learn-task", "onnxruntime", 80, precision="auto")  # 10 classes x 8 images
+    assert learn["runner"] == "onnxruntime-cpu"
+
+
+def test_ratios_against_torch_and_the_bare_backbone(measured):
+    report = measured[0]
+    ort, eager = _row(report, "backbone", "onnxruntime", 1), _row(report, "backbone", "torch", 1)
+    assert ort["speedup_vs_torch"] == pytest.approx(eager["p50_ms"] / ort["p50_ms"])
+    assert eager["speedup_vs_torch"] is None
+    e2e = _row(report, "predict-e2e", "onnxruntime", 1)
+    assert e2e["overhead_vs_backbone"] == pytest.approx(e2e["p50_ms"] / ort["p50_ms"] - 1)
+    assert e2e["speedup_vs_torch"] is None  # PyTorch does not run the device path
+
+
+def test_skipped_runs_are_listed_with_reasons(measured):
+    skipped = {(s["component"], s["runtime"], s["precision"]): s["reason"] for s in measured[0]["skipped"]}
+    assert skipped[("backbone", "onnxruntime", "int8")] == "no backbone.int8.onnx: run `pah-edge calibrate`"
+    assert "TensorRT engine" in skipped[("backbone", "onnxruntime", "fp16")]
+    assert "reference" in skipped[("predict-e2e", "torch", None)]
+    assert "FP32 reference only" in skipped[("backbone", "torch", "int8")]
+
+
+def test_the_bundle_is_left_byte_identical(measured):
+    *_, before, after = measured
+    assert after == before
+
+
+def test_the_plot_is_a_png(measured):
+    assert measured[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- inputs and precisions ---------------------------------------------------------------------------
+
+
+def test_int8_rows_use_backbone_int8_onnx_and_real_images(made, tmp_path):
+    bundle, query, _ = made
+    copy = shutil.copytree(bundle, tmp_path / "bundle")
+    shutil.copy(copy / "backbone.onnx", copy / "backbone.int8.onnx")  # stands in for `pah-edge calibrate`'s file
+    config = BenchConfig(runtimes=("onnxruntime",), precisions=("int8",), batches=(2,), images=query,
+                         iterations=2, warmup=0)
+    report = run_bench(copy, config)
+    assert report["settings"]["inputs"] == str(query)
+    assert {(r["component"], r["precision"]) for r in report["results"]} == {
+        ("backbone", "int8"), ("predict-e2e", "int8"), ("head-generation", "fp32"), ("learner-step", "fp32"),
+        ("learn-task", "auto")}
+
+
+@pytest.mark.skipif(tensorrt_problem() is None, reason="TensorRT works here")
+def test_nothing_measurable_is_an_error_naming_why(made):
+    with pytest.raises(Exception, match="nothing could be measured here.*TensorRT"):
+        run_bench(made[0], BenchConfig(runtimes=("tensorrt",), iterations=1, warmup=0))
+
+
+@pytest.mark.needs_tensorrt
+def test_tensorrt_rows_time_the_engine_with_cuda_events(made, tmp_path):
+    from pah_edge.export.tensorrt_build import build_engines
+
+    copy = shutil.copytree(made[0], tmp_path / "bundle")
+    build_engines(copy, precision="fp16")
+    report = run_bench(copy, BenchConfig(runtimes=("tensorrt",), precisions=("fp16",), batches=(1,), iterations=5))
+    row = _row(report, "backbone", "tensorrt", 1, precision="fp16")
+    assert row["timing"] == "cuda-events" and row["device_mem_mb"] > 0 and row["wall_p50_ms"] >= row["p50_ms"]
+
+
+# --- timing ----------------------------------------------------------------------------------------------
+
+
+def test_timing_statistics():
+    timing = Timing(tuple(float(x) for x in range(1, 101)))
+    assert timing.percentile(50) == pytest.approx(50.5) and timing.percentile(99) == pytest.approx(99.01)
+    assert timing.cv == pytest.approx(np.std(range(1, 101), ddof=1) / 50.5) and timing.noisy
+    steady = Timing((10.0, 10.1, 9.9))
+    assert steady.cv < NOISY_CV and not steady.noisy
+    assert steady.fields(8)["throughput_ips"] == pytest.approx(8 * 1000 / 10.0)
+    assert Timing((5.0,)).cv == 0.0
+
+
+def test_measure_warms_up_then_keeps_every_timed_iteration():
+    calls = []
+    timing = measure(lambda: calls.append(1) or float(len(calls)), warmup=3, iterations=4)
+    assert len(calls) == 7 and timing.samples_ms == (4.0, 5.0, 6.0, 7.0)
+
+
+def test_add_ratios_leaves_none_without_a_reference():
+    rows = [{"component": "predict-e2e", "runtime": "onnxruntime", "precision": "fp32", "batch": 1, "p50_ms": 2.0}]
+    add_ratios(rows)
+    assert rows[0]["speedup_vs_torch"] is None and rows[0]["overhead_vs_backbone"] is None
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, *words):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch", "0"], ["--batch takes positive whole numbers", "1,8,32"]),
+    (["--batch", "1,x"], ["--batch takes positive whole numbers", "'1,x'"]),
+    (["--runtime", "tflite"], ["unknown --runtime 'tflite'", "all, onnxruntime, tensorrt, torch"]),
+    (["--precision", "bogus"], ["unknown --precision 'bogus'", "fp32, fp16, int8"]),
+    (["--iterations", "0"], ["--iterations must be >= 1"]),
+    (["--threads", "0"], ["--threads must be >= 1"]),
+])
+def test_bad_arguments_are_one_line_errors(made, args, words):
+    _one_line_error(_cli("bench", made[0], *args), *words)
+
+
+def test_a_missing_bundle_is_a_one_line_error(tmp_path):
+    _one_line_error(_cli("bench", tmp_path / "nope", "--runtime", "onnxruntime"), "no bundle at", "pah-edge export")
+
+
+def test_bad_images_folder_is_a_one_line_error(made, tmp_path):
+    _one_line_error(_cli("bench", made[0], "--images", tmp_path / "none", "--iterations", "1"), "--images", "folder")
+
+
+def test_the_command_prints_machine_table_and_skips(made, tmp_path):
+    result = _cli("bench", made[0], "--runtime", "onnxruntime", "--batch", "1", "--iterations", "2", "--warmup", "0",
+                  "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "cores" in lines[0] and lines[1].split()[:4] == ["component", "runtime", "precision", "batch"]
+    assert any(line.startswith("skipped backbone on onnxruntime (precision int8): no backbone.int8.onnx")
+               for line in lines)
+    assert json.loads((tmp_path / "b.json").read_text())["results"]
+
+
+def test_help():
+    result = _cli("bench", "--help")
+    assert result.exit_code == 0 and "--precision" in result.stdout and "--plot" in result.stdout
+
+
+def test_config_validates_when_called_as_a_library():
+    with pytest.raises(ConfigError, match="--batch"):
+        BenchConfig(batches=())
+    assert BenchConfig.from_options(runtime="torch,onnxruntime", precision="int8,fp32", batch="8,1,8").batches == (1, 8)
+    assert BenchConfig.from_options(runtime="all", precision="fp32", batch="1").runtimes == (
+        "onnxruntime", "tensorrt", "torch")
