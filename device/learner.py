@@ -25,8 +25,8 @@ from pah_edge.data.splits import class_rng
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner, max_batch
 from pah_edge.device.images import (BatchStream, ClassFolders, check_no_class_empty, scan_class_folders, warn_ignored,
                                     warn_skipped)
-from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_prototypes, orthonormal_coordinates
-from pah_edge.device.prototype_init import class_mean_head, initial_prototypes, least_squares_prototypes, thumbnails
+from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_prototypes
+from pah_edge.device.prototype_init import LinearHeads, class_mean_head, initial_prototypes, thumbnails
 from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.errors import ConfigError
 from pah_edge.machine import peak_rss_mb
@@ -206,13 +206,12 @@ def _starting_point(bundle: Bundle, generator: Runner, extracted: Features, clas
         return lambda indices: initial_prototypes(extracted.thumbs[indices], extracted.labels[indices], classes), None
     # A linear generator's head of the k-th unit prototype is its k-th basis head.
     units = np.eye(int(np.prod(shape)), dtype=np.float32).reshape(-1, *shape)
-    basis = generator.infer({"prototypes": units})["head"]
+    linear = LinearHeads(generator.infer({"prototypes": units})["head"], shape)
 
     def start(indices):
-        heads = class_mean_head(extracted.features[indices], extracted.labels[indices], classes)
-        return least_squares_prototypes(basis, heads, shape)
+        return linear.prototypes_for(class_mean_head(extracted.features[indices], extracted.labels[indices], classes))
 
-    return start, orthonormal_coordinates(basis)
+    return start, linear
 
 
 def summary_line(report: dict) -> str:

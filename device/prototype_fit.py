@@ -8,7 +8,7 @@ the regulariser that keeps few-shot heads close to class means and lets many-sho
 (measured on novel digits: early stopping on a 20 % validation split cost 2 points, weight 0.01
 beat 0.03 and matched 0.003). Step sizes are relative to the start's RMS, so one setting fits
 prototypes of any scale. For a linear generator the fit runs in coordinates where the generator is
-orthonormal (``orthonormal_coordinates``): a trained ``A`` is ill-conditioned (condition number 63
+orthonormal (``prototype_init.LinearHeads``): a trained ``A`` is ill-conditioned (condition number 63
 measured on EfficientNet-Lite0), and Adam's per-coordinate steps in raw prototype space then
 overshoot along its strong directions. The cross-entropy and its gradient come from
 ``learner_step.onnx``.
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pah_edge.device.prototype_init import LinearHeads
 from pah_edge.device.runtimes import Runner
 
 FULL_BATCH_MAX = 2048  # train images up to which every step sees all of them
@@ -74,26 +75,15 @@ class FitResult:
     seconds: float
 
 
-def orthonormal_coordinates(basis: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
-    """float64 [K', K] matrix ``P``: prototypes ``u @ P`` make heads ``u @ V.T`` with orthonormal ``V``.
-
-    ``basis`` [K, D] holds a linear generator's heads of the K unit prototypes (rows of ``A.T``).
-    Directions whose singular value is below ``rtol`` times the largest are dropped (they move no head).
-    """
-    u, s, _ = np.linalg.svd(np.asarray(basis, np.float64), full_matrices=False)
-    keep = s > rtol * s[0]
-    return (u[:, keep] / s[keep]).T
-
-
 def fit_prototypes(objective: PrototypeObjective, init: np.ndarray, features: np.ndarray, labels: np.ndarray, *,
                    max_steps: int, lr: float, weight: float, patience: int, seed: int,
-                   coordinates: np.ndarray | None = None, warm: np.ndarray | None = None,
+                   coordinates: LinearHeads | None = None, warm: np.ndarray | None = None,
                    advance=lambda n: None) -> FitResult:
     """Minimise the regularised objective from ``init``; returns the best prototypes seen.
 
     lr: Adam's step as a fraction of the RMS of the start (in the fit's coordinates). weight:
-    strength of the pull to the start. coordinates: ``P`` [K', K] from ``orthonormal_coordinates``,
-    prototypes = ``u @ P`` (``init`` must lie in P's row space); None fits the prototypes directly.
+    strength of the pull to the start. coordinates: fit ``u`` with prototypes ``u @ to_prototypes``
+    (``init`` must come from ``prototypes_for``); None fits the prototypes directly.
     warm: prototypes to take the first step from instead of ``init`` (the pull still points to ``init``).
     Stops after ``patience`` steps without a relative improvement of 1e-4. Full-batch up to 2,048
     images, else a random minibatch of 256 per step, judged on a fixed subset of 2,048.
@@ -102,8 +92,10 @@ def fit_prototypes(objective: PrototypeObjective, init: np.ndarray, features: np
     init = np.ascontiguousarray(init, np.float32)
     classes, shape = len(init), init.shape
     flat = init.reshape(classes, -1).astype(np.float64)
-    transform = np.eye(flat.shape[1]) if coordinates is None else coordinates
-    inverse = np.linalg.pinv(transform)
+    if coordinates is None:
+        transform = inverse = np.eye(flat.shape[1])
+    else:
+        transform, inverse = coordinates.to_prototypes, coordinates.from_prototypes
     u0 = flat @ inverse
 
     def prototypes_of(u):

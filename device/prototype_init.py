@@ -1,7 +1,7 @@
 """Initial prototypes of a new task, in numpy (the device has no torch).
 
 Linear generators start from the least-squares prototypes of the nearest-class-mean head
-(``class_mean_head``, ``least_squares_prototypes``): learning starts at the class-mean classifier,
+(``class_mean_head``, ``LinearHeads.prototypes_for``): learning starts at the class-mean classifier,
 projected into the generator's span. Other generators use the paper's data init below.
 
 A class's initial prototype is its mean normalised training image, averaged over RGB when the
@@ -70,10 +70,24 @@ def class_mean_head(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return temperature / max(float(norms.mean()), 1e-12) * means
 
 
-def least_squares_prototypes(basis: np.ndarray, heads: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """float32 [C, *shape]: prototypes whose linear generator heads are closest to ``heads`` [C, D].
+class LinearHeads:
+    """A linear generator's prototype -> head map, known from its K basis heads, decomposed once (SVD).
 
-    ``basis`` [K, D] is the generator applied to the K unit prototypes (its head for prototype e_k).
+    ``basis`` [K, D]: the generator's heads of the K unit prototypes (rows of ``A.T``). With
+    ``basis = U S V.T``, prototypes ``u @ to_prototypes`` give heads ``u @ directions.T`` with
+    orthonormal ``directions`` [D, K']; ``from_prototypes`` maps flat prototypes back to ``u``.
+    Directions with a singular value below ``rtol`` times the largest are dropped (they move no head).
     """
-    solution, *_ = np.linalg.lstsq(np.asarray(basis, np.float64).T, np.asarray(heads, np.float64).T, rcond=None)
-    return solution.T.reshape(len(heads), *shape).astype(np.float32)
+
+    def __init__(self, basis: np.ndarray, shape: tuple[int, ...], rtol: float = 1e-6):
+        u, s, vt = np.linalg.svd(np.asarray(basis, np.float64), full_matrices=False)
+        keep = s > rtol * s[0]
+        self.shape = tuple(shape)
+        self.to_prototypes = (u[:, keep] / s[keep]).T  # [K', K]
+        self.from_prototypes = u[:, keep] * s[keep]  # [K, K']
+        self.directions = vt[keep].T  # [D, K']
+
+    def prototypes_for(self, heads: np.ndarray) -> np.ndarray:
+        """float32 [C, *shape]: the least-squares prototypes of ``heads`` [C, D]."""
+        flat = np.asarray(heads, np.float64) @ self.directions @ self.to_prototypes
+        return flat.reshape(len(heads), *self.shape).astype(np.float32)

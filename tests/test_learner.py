@@ -28,8 +28,8 @@ from PIL import Image
 from pah_edge.bundle import Bundle, BundleError
 from pah_edge.device.learner import batch_size_for, learn_task, split_train_val
 from pah_edge.device.prototype_fit import Adam, PrototypeObjective, fit_prototypes
-from pah_edge.device.prototype_init import (adaptive_avg_pool, class_mean_head, initial_prototypes,
-                                           least_squares_prototypes, thumbnails)
+from pah_edge.device.prototype_init import (LinearHeads, adaptive_avg_pool, class_mean_head, initial_prototypes,
+                                           thumbnails)
 from pah_edge.device.runtimes import create_runner
 from pah_edge.errors import ConfigError
 from pah_edge.hypernetwork import ClasswiseGenerator
@@ -256,7 +256,7 @@ def test_least_squares_prototypes_reproduce_heads_in_the_generators_span(exporte
         basis = generator.infer({"prototypes": np.eye(int(np.prod(shape)), dtype=np.float32).reshape(-1, *shape)})["head"]
         wanted = np.random.default_rng(1).standard_normal((4, *shape)).astype(np.float32)
         heads = generator.infer({"prototypes": wanted})["head"]
-        fitted = least_squares_prototypes(basis, heads, shape)
+        fitted = LinearHeads(basis, shape).prototypes_for(heads)
         np.testing.assert_allclose(generator.infer({"prototypes": fitted})["head"], heads, rtol=1e-4, atol=1e-4)
 
 
