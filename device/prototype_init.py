@@ -71,7 +71,7 @@ def class_mean_head(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 
 class LinearHeads:
-    """A linear generator's prototype -> head map, known from its K basis heads, decomposed once (SVD).
+    """A linear generator's prototype -> head map, known from its K basis heads, decomposed once.
 
     ``basis`` [K, D]: the generator's heads of the K unit prototypes (rows of ``A.T``). With
     ``basis = U S V.T``, prototypes ``u @ to_prototypes`` give heads ``u @ directions.T`` with
@@ -80,12 +80,16 @@ class LinearHeads:
     """
 
     def __init__(self, basis: np.ndarray, shape: tuple[int, ...], rtol: float = 1e-6):
-        u, s, vt = np.linalg.svd(np.asarray(basis, np.float64), full_matrices=False)
-        keep = s > rtol * s[0]
+        basis = np.asarray(basis, np.float64)
+        # The SVD from the K x K Gram matrix: 4x faster than np.linalg.svd of [K, D] here, and a
+        # trained generator's condition number (~60) squared is far from float64's limits.
+        eigenvalues, u = np.linalg.eigh(basis @ basis.T)
+        keep = eigenvalues > (rtol * np.sqrt(max(eigenvalues.max(), 0.0))) ** 2
+        s, u = np.sqrt(eigenvalues[keep]), u[:, keep]
         self.shape = tuple(shape)
-        self.to_prototypes = (u[:, keep] / s[keep]).T  # [K', K]
-        self.from_prototypes = u[:, keep] * s[keep]  # [K, K']
-        self.directions = vt[keep].T  # [D, K']
+        self.to_prototypes = (u / s).T  # [K', K]
+        self.from_prototypes = u * s  # [K, K']
+        self.directions = basis.T @ u / s  # [D, K'], orthonormal columns
 
     def prototypes_for(self, heads: np.ndarray) -> np.ndarray:
         """float32 [C, *shape]: the least-squares prototypes of ``heads`` [C, D]."""

@@ -256,7 +256,10 @@ def test_least_squares_prototypes_reproduce_heads_in_the_generators_span(exporte
         basis = generator.infer({"prototypes": np.eye(int(np.prod(shape)), dtype=np.float32).reshape(-1, *shape)})["head"]
         wanted = np.random.default_rng(1).standard_normal((4, *shape)).astype(np.float32)
         heads = generator.infer({"prototypes": wanted})["head"]
-        fitted = LinearHeads(basis, shape).prototypes_for(heads)
+        linear = LinearHeads(basis, shape)
+        fitted = linear.prototypes_for(heads)
+        np.testing.assert_allclose(linear.directions.T @ linear.directions, np.eye(linear.directions.shape[1]),
+                                   atol=1e-8)
         np.testing.assert_allclose(generator.infer({"prototypes": fitted})["head"], heads, rtol=1e-4, atol=1e-4)
 
 
