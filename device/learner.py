@@ -75,34 +75,37 @@ def split_train_val(labels: np.ndarray, class_names, val_fraction: float, seed: 
 
 @dataclass
 class Features:
-    """What one pass over the images leaves: features [N, D], labels [N], init thumbnails [N, c, s, s]."""
+    """What one pass over the images leaves: features [N, D], labels [N], init thumbnails [N, c, s, s]
+    (None when the generator starts from class-mean features instead)."""
 
     features: np.ndarray
     labels: np.ndarray
-    thumbs: np.ndarray
+    thumbs: np.ndarray | None
     skipped: list
     seconds: float
 
 
 def extract_features(runner: Runner, folders: ClassFolders, bundle: Bundle, batch_size: int,
                      progress: bool) -> Features:
-    """Stream every image through the backbone once; keep float32 features and init thumbnails."""
+    """Stream every image through the backbone once; keep float32 features (and init thumbnails)."""
     items = folders.labelled()
     channels, size = bundle.prototype_shape[0], bundle.prototype_shape[1]
     features = np.empty((len(items), bundle.feature_dim), np.float32)
-    thumbs = np.empty((len(items), channels, size, size), np.float32)
+    keep_thumbs = bundle.generator_kind not in LINEAR_GENERATORS
+    thumbs = np.empty((len(items), channels, size, size), np.float32) if keep_thumbs else None
     read = np.zeros(len(items), bool)
     stream = BatchStream(items, bundle.preprocess, batch_size)
     start = time.perf_counter()
     with _progress_bar(progress, "features", len(items)) as advance:
         for inputs, positions in stream:
             features[positions] = runner.infer({"images": inputs})["features"]
-            thumbs[positions] = thumbnails(inputs, channels, size)
+            if keep_thumbs:
+                thumbs[positions] = thumbnails(inputs, channels, size)
             read[positions] = True
             advance(len(positions))
     seconds = time.perf_counter() - start
     labels = np.asarray([label for _, label in items], np.int64)
-    return Features(features[read], labels[read], thumbs[read], stream.skipped, seconds)
+    return Features(features[read], labels[read], thumbs[read] if keep_thumbs else None, stream.skipped, seconds)
 
 
 def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float | None:

@@ -145,6 +145,19 @@ def test_task_mlp_bundle_records_and_enforces_its_class_count(bundles, tmp_path)
                         images_seen=4, accuracy=None, source="device")
 
 
+def test_a_non_linear_generator_learns_on_the_device_from_class_mean_thumbnails(runs, bundles, tmp_path):
+    """classwise (linear + MLP) has no least-squares start: the learner takes the paper's data init."""
+    from pah_edge.device.learner import learn_task
+
+    path = shutil.copytree(bundles["classwise"][0], tmp_path / "bundle")
+    folder = tmp_path / "new"
+    for digit in ("digit3", "digit4", "digit5"):
+        shutil.copytree(runs["images"] / "b" / digit, folder / digit)
+    report = learn_task(Bundle.open(path), folder, name="new", progress=False, max_steps=50)
+    assert report["final_loss"] < report["initial_loss"] and report["train_accuracy"] > 0.5
+    assert Bundle.open(path).load_prototypes("new").shape == (3, 1, 8, 8)
+
+
 def _mobilenet_run(out: Path) -> Path:
     """A mobilenet_v3_large checkpoint at 32 px with BatchNorm statistics from real-sized activations."""
     cfg = resolve(RunConfig(data=DataConfig(benchmark="mnist-5k"),
