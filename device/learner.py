@@ -116,7 +116,7 @@ def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> flo
 
 
 def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, budget_mb: float = 300,
-               runtime: str = "auto", replace: bool = False, val_fraction: float = 0.2, max_steps: int = 300,
+               runtime: str = "auto", replace: bool = False, val_fraction: float = 0.2, max_steps: int = 200,
                lr: float = 0.5, weight: float = 0.01, patience: int = 25, seed: int = 0, progress: bool = True,
                lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
     """Learn the task in ``folder`` (``<class>/<images>``) into ``bundle``; returns the report.
