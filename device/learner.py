@@ -117,7 +117,7 @@ def extract_features(runner: Runner, folders: ClassFolders, bundle: Bundle, batc
     read = np.zeros(len(items), bool)
     stream = BatchStream(items, bundle.preprocess, batch_size)
     start = time.perf_counter()
-    with _progress_bar(progress, "features", len(items)) as advance:
+    with progress_bar(progress, "features", len(items)) as advance:
         for inputs, positions in stream:
             features[positions] = runner.infer({"images": inputs})["features"]
             thumbs[positions] = thumbnails(inputs, channels, size)
@@ -165,7 +165,7 @@ def optimise_prototypes(objective: PrototypeObjective, init: np.ndarray, train: 
     params = best = np.ascontiguousarray(init, np.float32)
     initial = best_loss = reference = objective(params, *monitored)[0]
     since_progress, stopped_early = 0, False
-    with _progress_bar(progress, "prototypes", max_steps) as advance:
+    with progress_bar(progress, "prototypes", max_steps) as advance:
         for _ in range(max_steps):
             if len(labels) > FULL_BATCH_MAX:
                 pick = np.sort(rng.choice(len(labels), MINIBATCH, replace=False))
@@ -196,20 +196,21 @@ def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> flo
 
 
 def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, budget_mb: float = 300,
-               runtime: str = "auto", replace: bool = False, val_fraction: float = 0.2, max_steps: int = 300,
-               lr: float = 0.05, patience: int = 25, seed: int = 0, progress: bool = True,
+               runtime: str = "auto", precision: str = "fp32", replace: bool = False, val_fraction: float = 0.2,
+               max_steps: int = 300, lr: float = 0.05, patience: int = 25, seed: int = 0, progress: bool = True,
                lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
     """Learn the task in ``folder`` (``<class>/<images>``) into ``bundle``; returns the report.
 
     Everything that can be checked is checked before any image is decoded. The bundle's lock is
     held from the name check to the registration (another learn-task waits up to ``lock_wait_s``
     s), and nothing is written before the final registration, so an interrupted run leaves the
-    bundle as it was. ``budget_mb`` (MB) bounds the backbone batch.
+    bundle as it was. ``budget_mb`` (MB) bounds the backbone batch. ``precision`` int8 computes the
+    features with the calibrated INT8 backbone (`pah-edge calibrate`); predict with the same precision.
 
     Report: name, classes (names), images {train, val}, skipped (unreadable images),
     ignored_files, train_accuracy and val_accuracy (fractions; val None without val images),
-    initial_loss and best_loss (monitored cross-entropy), steps, stopped_early, runtime, batch_size,
-    feature_images_per_s (decoding included), feature_seconds, optimise_seconds, wall_seconds (s),
+    initial_loss and best_loss (monitored cross-entropy), steps, stopped_early, runtime, precision,
+    batch_size, feature_images_per_s (decoding included), feature_seconds, optimise_seconds, wall_seconds (s),
     peak_rss_mb (MB), bytes_stored and file (the task's npz).
     """
     wall = time.perf_counter()
@@ -221,7 +222,7 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
     batch = batch_size_for(budget_mb, bundle.preprocess.image_size)
     with ExitStack() as stack:
         # Runners are activated before the lock: a missing engine or runtime fails with the bundle untouched.
-        backbone = stack.enter_context(backbone_runner(bundle, runtime))
+        backbone = stack.enter_context(backbone_runner(bundle, runtime, precision))
         heads_of = stack.enter_context(generator_runner(bundle))
         # The step graph is tiny: one thread beats a pool's hand-offs.
         objective = PrototypeObjective(
@@ -262,6 +263,7 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
         "steps": result.steps,
         "stopped_early": result.stopped_early,
         "runtime": backbone.name,
+        "precision": precision,
         "batch_size": batch,
         "feature_images_per_s": len(extracted.labels) / extracted.seconds if extracted.seconds > 0 else None,
         "feature_seconds": extracted.seconds,
@@ -300,8 +302,8 @@ def _check_options(*, val_fraction: float, max_steps: int, lr: float, patience: 
 
 
 @contextmanager
-def _progress_bar(enabled: bool, label: str, total: int):
-    """``with _progress_bar(on, label, total) as advance: advance(n)``; a Rich bar on stderr when on."""
+def progress_bar(enabled: bool, label: str, total: int):
+    """``with progress_bar(on, label, total) as advance: advance(n)``; a Rich bar on stderr when on."""
     if not enabled:
         yield lambda n: None
         return
