@@ -1,4 +1,4 @@
-"""The device commands run where torch cannot be imported: `learn-task`, `predict` and `tasks`.
+"""The device commands run where torch cannot be imported: `learn-task`, `predict`, `tasks`, `calibrate`.
 
 A directory holding ``torch/__init__.py`` that raises ImportError goes first on PYTHONPATH of a
 subprocess running the real entry point, so any import of torch, direct or through another
@@ -7,6 +7,7 @@ package, fails there. The bundle itself is made in this (torch-enabled) process.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,21 @@ def test_learn_task_predict_and_tasks_run_without_torch(made):
     cli("tasks", "rename", "pairs", "ones-sevens", "--bundle", bundle_dir)
     cli("tasks", "remove", "ones-sevens", "--bundle", bundle_dir)
     assert [t.name for t in Bundle.open(bundle_dir).tasks()] == ["a", "b", "c"]
+
+
+def test_calibrate_then_learn_and_predict_with_int8_run_without_torch(made, tmp_path):
+    bundle_dir, query, new_task, blocker = made
+    bundle_dir = shutil.copytree(bundle_dir, tmp_path / "bundle")
+
+    def cli(*args):
+        result = _without_torch(blocker, "-m", "pah_edge.cli", *args, "--no-progress")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and BLOCKED not in result.stderr
+        return result.stdout
+
+    cli("calibrate", bundle_dir, "--images", query, "--samples", "4", "--latency-runs", "1")
+    report = json.loads(cli("learn-task", new_task, "--bundle", bundle_dir, "--precision", "int8", "--json"))
+    assert report["precision"] == "int8" and report["name"] == "pairs"
+    predictions = json.loads(_without_torch(blocker, "-m", "pah_edge.cli", "predict", query, "--bundle", bundle_dir,
+                                            "--task", "pairs", "--precision", "int8", "--json").stdout)
+    assert len(predictions) == len(QUERY_FILES) and {p["task"] for p in predictions} == {"pairs"}

@@ -1,0 +1,162 @@
+"""How far an INT8 backbone is from its FP32 original: task accuracy, features, layers, size and speed.
+
+Everything runs on ONNX Runtime's CPU provider, so the numbers are this machine's INT8 kernels; a
+TensorRT engine built from the same Q/DQ file rounds the same way but accumulates on other hardware.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from pah_edge.bundle import Bundle, TaskRecord
+from pah_edge.device.bundle_runners import generator_runner
+from pah_edge.device.images import BatchStream, check_no_class_empty, scan_class_folders, warn_skipped
+from pah_edge.device.learner import accuracy
+from pah_edge.device.runtimes import create_runner
+from pah_edge.errors import DataError
+
+TOP_LAYERS = 5
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of [N, D] arrays; a zero row scores 0 (eps), not NaN."""
+    num = np.sum(a * b, axis=1, dtype=np.float64)
+    return num / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def eval_task_folders(bundle: Bundle, eval_dir: Path | None) -> dict[str, Path]:
+    """{registered task: its held-out folder ``eval_dir/<task>/<class>/*``}; DataError for an unknown task folder."""
+    if eval_dir is None:
+        return {}
+    root = Path(eval_dir)
+    if not root.is_dir():
+        raise DataError(f"--eval {root} is not a folder: lay it out as EVAL/<task>/<class>/<images>")
+    names = [t.name for t in bundle.tasks()]
+    folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    unknown = sorted(set(folders) - set(names))
+    if unknown:
+        raise DataError(f"--eval {root} has folders for tasks the bundle lacks ({', '.join(unknown)}); registered "
+                        f"tasks: {', '.join(names) or 'none'}. Rename or remove them")
+    if not folders:
+        raise DataError(f"--eval {root} has no task folders: lay it out as EVAL/<task>/<class>/<images>")
+    return folders
+
+
+def compare_tasks(bundle: Bundle, fp32_path: Path, int8_path: Path, folders: dict[str, Path], *,
+                  batch_size: int = 32) -> list[dict]:
+    """Per registered task: accuracy with FP32 and with INT8 features (its own generated head), and cosine.
+
+    A task's class folders must be among its class names. Tasks without a folder are listed with
+    ``evaluated`` False. Accuracies are fractions in [0, 1]; ``agreement`` is the fraction of images
+    whose predicted class is the same under both.
+    """
+    rows = []
+    with ExitStack() as stack:
+        fp32 = stack.enter_context(create_runner("onnxruntime-cpu", fp32_path))
+        int8 = stack.enter_context(create_runner("onnxruntime-cpu", int8_path))
+        generator = stack.enter_context(generator_runner(bundle))
+        for record in bundle.tasks():
+            if record.name not in folders:
+                rows.append({"task": record.name, "evaluated": False})
+                continue
+            head = generator.infer({"prototypes": bundle.load_prototypes(record.name)})["head"]
+            feats_fp32, feats_int8, labels = _task_features(bundle, record, folders[record.name], fp32, int8,
+                                                            batch_size)
+            same = np.argmax(feats_fp32 @ head.T, axis=1) == np.argmax(feats_int8 @ head.T, axis=1)
+            sim = cosine(feats_fp32, feats_int8)
+            rows.append({"task": record.name, "evaluated": True, "images": int(len(labels)),
+                         "fp32_accuracy": accuracy(head, feats_fp32, labels),
+                         "int8_accuracy": accuracy(head, feats_int8, labels),
+                         "agreement": float(same.mean()), "cosine_mean": float(sim.mean()),
+                         "cosine_min": float(sim.min())})
+    return rows
+
+
+def _task_features(bundle: Bundle, record: TaskRecord, folder: Path, fp32, int8, batch_size: int):
+    """FP32 and INT8 features [N, D] and task labels [N] of a task's held-out images, each decoded once."""
+    folders = scan_class_folders(folder)
+    unknown = sorted(set(folders.class_names) - set(record.class_names))
+    if unknown:
+        raise DataError(f"{folder} has class folders task {record.name!r} does not know ({', '.join(unknown)}); "
+                        f"its classes: {', '.join(record.class_names)}")
+    to_task = np.asarray([record.class_names.index(c) for c in folders.class_names], np.int64)
+    items = folders.labelled()
+    stream = BatchStream(items, bundle.preprocess, batch_size)
+    parts_fp32, parts_int8, positions = [], [], []
+    for inputs, batch_positions in stream:
+        parts_fp32.append(fp32.infer({"images": inputs})["features"])
+        parts_int8.append(int8.infer({"images": inputs})["features"])
+        positions.append(batch_positions)
+    read = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    folder_labels = np.asarray([label for _, label in items], np.int64)[read]
+    check_no_class_empty(folders, folder_labels, stream.skipped)
+    warn_skipped(stream.skipped, len(items))
+    return np.concatenate(parts_fp32), np.concatenate(parts_int8), to_task[folder_labels]
+
+
+def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, *, top: int = TOP_LAYERS) -> list[dict]:
+    """The ``top`` activations of the INT8 graph furthest from the FP32 graph's on ``images``.
+
+    ``fp32_path`` must be the graph the Q/DQ model was made from (the tensor names match). Per
+    tensor: ``rel_error`` = ||int8 - fp32|| / ||fp32|| (the error accumulated up to that layer) and
+    ``sqnr_db`` (the same as a signal-to-noise ratio, 20 log10(1 / rel_error)); ``own_rel_error``
+    is the tensor's own rounding (before vs after its Q/DQ pair in the INT8 graph), which tells a
+    layer that quantizes badly from one that inherits error. Graph optimisations are off here, so
+    this is the exact Q/DQ arithmetic (what TensorRT implements), not ONNX Runtime's fused kernels.
+    """
+    from onnxruntime.quantization import qdq_loss_debug as debug
+
+    def activations(model: Path, work: Path) -> dict:
+        augmented = work / f"{model.stem}.debug.onnx"
+        debug.modify_model_output_intermediate_tensors(str(model), str(augmented))
+        return debug.collect_activations(str(augmented), [{"images": images}])  # any iterable of feeds
+
+    with tempfile.TemporaryDirectory(prefix="pah-edge-layers-") as work:
+        matched = debug.create_activation_matching(activations(Path(int8_path), Path(work)),
+                                                   activations(Path(fp32_path), Path(work)))
+    producers = _producers(fp32_path)
+    rows = []
+    for tensor, match in matched.items():
+        if not match.get("float") or match.get("pre_qdq") is None or match.get("post_qdq") is None:
+            continue
+        rel = _relative_error(match["float"], match["post_qdq"])
+        op, node = producers.get(tensor, ("?", "?"))
+        rows.append({"tensor": tensor, "node": node, "op": op, "rel_error": rel,
+                     "sqnr_db": -20 * math.log10(max(rel, 1e-12)),
+                     "own_rel_error": _relative_error(match["pre_qdq"], match["post_qdq"])})
+    return sorted(rows, key=lambda r: -r["rel_error"])[:top]
+
+
+def _relative_error(reference, other) -> float:
+    a, b = np.concatenate(reference).ravel(), np.concatenate(other).ravel()
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
+
+
+def _producers(model_path: Path) -> dict[str, tuple[str, str]]:
+    """{tensor: (op type, node name) of the node that outputs it}."""
+    import onnx
+
+    return {out: (node.op_type, node.name) for node in onnx.load(str(model_path)).graph.node for out in node.output}
+
+
+def latency_ms(model_path: Path, image_size: int, batch: int, *, runs: int = 10, warmup: int = 2,
+               threads: int | None = None) -> float:
+    """Median wall time of one ONNX Runtime CPU call on a [batch, 3, S, S] input, in ms."""
+    images = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
+    times = []
+    with create_runner("onnxruntime-cpu", model_path, threads=threads) as runner:
+        for i in range(warmup + runs):
+            runner.infer({"images": images})
+            if i >= warmup:
+                times.append(runner.last_infer_ms)
+    return float(np.median(times))
+
+
+def size_mb(path: Path) -> float:
+    """File size in MB (10^6 bytes)."""
+    return Path(path).stat().st_size / 1e6
