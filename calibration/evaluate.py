@@ -51,9 +51,9 @@ def compare_tasks(bundle: Bundle, fp32_path: Path, int8_path: Path, folders: dic
                   batch_size: int = 32) -> list[dict]:
     """Per registered task: accuracy with FP32 and with INT8 features (its own generated head), and cosine.
 
-    A task's class folders must be among its class names. Tasks without a folder are listed with
-    ``evaluated`` False. Accuracies are fractions in [0, 1]; ``agreement`` is the fraction of images
-    whose predicted class is the same under both.
+    A task's class folders must be among its class names ("/" written as "_"). Tasks without a
+    folder are listed with ``evaluated`` False. Accuracies are fractions in [0, 1]; ``agreement``
+    is the fraction of images whose predicted class is the same under both.
     """
     rows = []
     with ExitStack() as stack:
@@ -80,11 +80,13 @@ def compare_tasks(bundle: Bundle, fp32_path: Path, int8_path: Path, folders: dic
 def _task_features(bundle: Bundle, record: TaskRecord, folder: Path, fp32, int8, batch_size: int):
     """FP32 and INT8 features [N, D] and task labels [N] of a task's held-out images, each decoded once."""
     folders = scan_class_folders(folder)
-    unknown = sorted(set(folders.class_names) - set(record.class_names))
+    # A class name may hold "/" (Fashion-MNIST's "T-shirt/top"), which no folder name can: "_" stands in.
+    by_folder = {name.replace("/", "_"): i for i, name in enumerate(record.class_names)}
+    unknown = sorted(set(folders.class_names) - set(by_folder))
     if unknown:
         raise DataError(f"{folder} has class folders task {record.name!r} does not know ({', '.join(unknown)}); "
-                        f"its classes: {', '.join(record.class_names)}")
-    to_task = np.asarray([record.class_names.index(c) for c in folders.class_names], np.int64)
+                        f"its classes: {', '.join(by_folder)}")
+    to_task = np.asarray([by_folder[c] for c in folders.class_names], np.int64)
     items = folders.labelled()
     stream = BatchStream(items, bundle.preprocess, batch_size)
     parts_fp32, parts_int8, positions = [], [], []
@@ -100,14 +102,14 @@ def _task_features(bundle: Bundle, record: TaskRecord, folder: Path, fp32, int8,
 
 
 def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, *, top: int = TOP_LAYERS) -> list[dict]:
-    """The ``top`` activations of the INT8 graph furthest from the FP32 graph's on ``images``.
+    """The ``top`` nodes that add the most INT8 error, measured on ``images``.
 
     ``fp32_path`` must be the graph the Q/DQ model was made from (the tensor names match). Per
-    tensor: ``rel_error`` = ||int8 - fp32|| / ||fp32|| (the error accumulated up to that layer) and
-    ``sqnr_db`` (the same as a signal-to-noise ratio, 20 log10(1 / rel_error)); ``own_rel_error``
-    is the tensor's own rounding (before vs after its Q/DQ pair in the INT8 graph), which tells a
-    layer that quantizes badly from one that inherits error. Graph optimisations are off here, so
-    this is the exact Q/DQ arithmetic (what TensorRT implements), not ONNX Runtime's fused kernels.
+    node output: ``rel_error`` = ||int8 - fp32|| / ||fp32|| (the error accumulated up to there),
+    ``sqnr_db`` = 20 log10(1 / rel_error), and ``added_error`` = its rel_error minus the largest
+    rel_error among the node's inputs: how much the error grows across it, by its own rounding or
+    by amplifying its inputs' (the candidates for ``--exclude``). Graph optimisations are off here,
+    so this is the exact Q/DQ arithmetic (what TensorRT implements), not ONNX Runtime's kernels.
     """
     from onnxruntime.quantization import qdq_loss_debug as debug
 
@@ -117,19 +119,21 @@ def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, *, top: i
         return debug.collect_activations(str(augmented), [{"images": images}])  # any iterable of feeds
 
     with tempfile.TemporaryDirectory(prefix="pah-edge-layers-") as work:
-        matched = debug.create_activation_matching(activations(Path(int8_path), Path(work)),
-                                                   activations(Path(fp32_path), Path(work)))
-    producers = _producers(fp32_path)
+        int8 = activations(Path(int8_path), Path(work))
+        fp32 = activations(Path(fp32_path), Path(work))
+    matched = debug.create_activation_matching(int8, fp32)
+    # A tensor's value in the INT8 graph is what its readers see: after its Q/DQ pair if it has one.
+    errors = {name: _relative_error(values, matched[name]["post_qdq"] if name in matched else int8[name])
+              for name, values in fp32.items() if name in int8}
     rows = []
-    for tensor, match in matched.items():
-        if not match.get("float") or match.get("pre_qdq") is None or match.get("post_qdq") is None:
+    for node in _nodes(fp32_path):
+        if not node.output or node.output[0] not in errors:
             continue
-        rel = _relative_error(match["float"], match["post_qdq"])
-        op, node = producers.get(tensor, ("?", "?"))
-        rows.append({"tensor": tensor, "node": node, "op": op, "rel_error": rel,
-                     "sqnr_db": -20 * math.log10(max(rel, 1e-12)),
-                     "own_rel_error": _relative_error(match["pre_qdq"], match["post_qdq"])})
-    return sorted(rows, key=lambda r: -r["rel_error"])[:top]
+        rel = errors[node.output[0]]
+        inherited = max((errors[i] for i in node.input if i in errors), default=0.0)
+        rows.append({"node": node.name, "op": node.op_type, "tensor": node.output[0], "rel_error": rel,
+                     "sqnr_db": -20 * math.log10(max(rel, 1e-12)), "added_error": rel - inherited})
+    return sorted(rows, key=lambda r: -r["added_error"])[:top]
 
 
 def _relative_error(reference, other) -> float:
@@ -137,11 +141,10 @@ def _relative_error(reference, other) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
 
 
-def _producers(model_path: Path) -> dict[str, tuple[str, str]]:
-    """{tensor: (op type, node name) of the node that outputs it}."""
+def _nodes(model_path: Path) -> list:
     import onnx
 
-    return {out: (node.op_type, node.name) for node in onnx.load(str(model_path)).graph.node for out in node.output}
+    return list(onnx.load(str(model_path)).graph.node)
 
 
 def latency_ms(model_path: Path, image_size: int, batch: int, *, runs: int = 10, warmup: int = 2,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class QuantizeOptions:
     method: str = DEFAULT_METHOD  # activation ranges: percentile, entropy (KL) or minmax
     per_channel: bool = True  # one weight scale per output channel (False: per tensor)
     exclude_first_last: bool = False  # keep the first and the last Conv/Gemm/MatMul in FP32
+    exclude: tuple[str, ...] = ()  # more nodes to keep in FP32, e.g. the report's most sensitive ones
     # 7-bit weights. x86 CPUs without VNNI multiply INT8 with VPMADDUBSW, whose 16-bit pair sums
     # saturate on full-range weights (per-channel scales make every channel full range): on the tiny
     # test model the features' error grew from 0.03 to 0.18 there. 7 bits cost ~nothing measured.
@@ -44,7 +46,7 @@ class QuantizeOptions:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "per_channel": self.per_channel, "exclude_first_last": self.exclude_first_last,
-                "reduce_range": self.reduce_range, "percentile": self.percentile if self.method == "percentile" else None,
+                "exclude": list(self.exclude), "reduce_range": self.reduce_range, "percentile": self.percentile if self.method == "percentile" else None,
                 "weights": "int8 symmetric", "activations": "int8 symmetric", "format": "QDQ"}
 
 
@@ -72,11 +74,50 @@ def first_last_weighted_nodes(model_path: Path) -> list[str]:
     return sorted(set(names[:1] + names[-1:]), key=names.index)
 
 
+def _excluded_nodes(model_path: Path, options: QuantizeOptions) -> list[str]:
+    """The nodes to keep in FP32, in graph order; ConfigError for a name the graph lacks."""
+    import onnx
+
+    names = [node.name for node in onnx.load(str(model_path)).graph.node]
+    unknown = sorted(set(options.exclude) - set(names))
+    if unknown:
+        raise ConfigError(f"--exclude {', '.join(unknown)}: no such node in the backbone; use the node names the "
+                          "calibration report lists")
+    wanted = set(options.exclude) | set(first_last_weighted_nodes(model_path) if options.exclude_first_last else ())
+    return [name for name in names if name in wanted]
+
+
+def narrow_clipped_ranges(model_path: Path, ranges) -> list[str]:
+    """Give the input of each Relu/Clip its output's range where the activation is its only reader.
+
+    With symmetric INT8 activations ONNX Runtime keeps Relu/Clip as nodes and quantizes their input
+    with its own, pre-activation range, which folded BatchNorm can make hundreds of times wider than
+    what survives the clip: efficientnet_lite0's stem convolution lost half its signal to rounding
+    that way (feature cosine 0.39). Whatever lies outside the output's range is clipped by the
+    activation anyway, so the narrower range loses nothing; it is what ONNX Runtime does for
+    asymmetric activations by removing the node, and TensorRT by fusing Conv + ReLU. Returns the
+    tensors changed.
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    readers = Counter(name for node in graph.node for name in node.input)
+    outputs = {o.name for o in graph.output}
+    changed = []
+    for node in graph.node:
+        source, result = node.input[0] if node.input else "", node.output[0]
+        if (node.op_type in ("Relu", "Clip") and readers[source] == 1 and source not in outputs
+                and source in ranges and result in ranges):
+            ranges[source] = ranges[result]
+            changed.append(source)
+    return changed
+
+
 def calibrate_ranges(model_path: Path, reader, method: str, work_dir: Path, *, percentile: float):
     """Activation ranges (ONNX Runtime ``TensorsData``) of every float tensor over ``reader``'s images.
 
-    ``collect_data`` runs once per chunk of the reader: histograms (entropy, percentile) and min/max
-    merge across calls, so memory holds one chunk's activations (see ``ImageFolderReader``).
+    ``collect_data`` runs once per batch of the reader: histograms (entropy, percentile) and min/max
+    merge across calls, so memory holds one batch's activations (see ``ImageFolderReader``).
     """
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
@@ -106,8 +147,9 @@ def int8_onnx_from_fp32(fp32_path: Path, out_path: Path, reader, options: Quanti
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     prepared = prepare_for_quantization(fp32_path, work_dir / "prepared.onnx")
-    excluded = first_last_weighted_nodes(prepared) if options.exclude_first_last else []
+    excluded = _excluded_nodes(prepared, options)
     ranges = calibrate_ranges(prepared, reader, options.method, work_dir, percentile=options.percentile)
+    narrow_clipped_ranges(prepared, ranges)
     cache = work_dir / "ranges.json"  # quantize_static takes precomputed ranges only from a file
     save_tensors_data(ranges, cache)
     quantize_static(str(prepared), str(out_path), calibration_data_reader=None, calibration_cache_path=cache,

@@ -52,22 +52,22 @@ def calibration_files(folder: str | Path, samples: int, seed: int = 0) -> list[P
 class ImageFolderReader(CalibrationDataReader):
     """The first ``samples`` readable images of ``files``, ``batch_size`` at a time, as ONNX Runtime feeds.
 
-    ``get_next`` also returns None after every ``chunk_images`` images and resumes on the next call:
-    ONNX Runtime's calibrators keep every batch's activations until ``collect_data`` returns, so
-    calling it once per chunk (``while not reader.done``) bounds their memory to one chunk.
+    ``get_next`` returns None after every batch and resumes on the next call, so a calibrator's
+    ``collect_data`` sees one batch per call (``while not reader.done``). Two reasons: ONNX Runtime's
+    calibrators keep every batch's activations until ``collect_data`` returns (one batch bounds
+    their memory), and its histogram collector stacks a call's batches into one array, which fails
+    on batches of different sizes (the last one, or one that lost an unreadable image).
     ``on_images(n)`` is called with each batch's size (a progress bar). Running out of readable
     images before ``samples`` is a DataError naming the unreadable files.
     """
 
     def __init__(self, files: list[Path], preprocess: Preprocess, *, samples: int, batch_size: int = 8,
-                 chunk_images: int = 32, input_name: str = "images", on_images=None):
-        if samples < 1 or batch_size < 1 or chunk_images < 1:
-            raise ValueError(f"samples, batch_size and chunk_images must be >= 1, got {samples}, {batch_size}, "
-                             f"{chunk_images}")
-        self.files, self.samples, self.input_name = files, samples, input_name
-        self.chunk_images, self.on_images = chunk_images, on_images
+                 input_name: str = "images", on_images=None):
+        if samples < 1 or batch_size < 1:
+            raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
+        self.files, self.samples, self.input_name, self.on_images = files, samples, input_name, on_images
         self.delivered = 0  # images handed out so far
-        self._chunk_used = 0
+        self._pause = False
         self._stream = BatchStream([(file, 0) for file in files], preprocess, batch_size)
         self._batches = iter(self._stream)
 
@@ -76,15 +76,15 @@ class ImageFolderReader(CalibrationDataReader):
         return self.delivered >= self.samples
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.done or self._chunk_used >= self.chunk_images:
-            self._chunk_used = 0
+        if self.done or self._pause:
+            self._pause = False
             return None
         batch = next(self._batches, None)
         if batch is None:
             self._fail()
         inputs = batch[0][: self.samples - self.delivered]
         self.delivered += len(inputs)
-        self._chunk_used += len(inputs)
+        self._pause = True
         if self.on_images is not None:
             self.on_images(len(inputs))
         return {self.input_name: inputs}

@@ -341,6 +341,7 @@ def calibrate(
     method: str = typer.Option(DEFAULT_METHOD, help=f"Activation ranges: {', '.join(METHODS)}."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="One weight scale per output channel or per tensor."),
     exclude_first_last: bool = typer.Option(False, "--exclude-first-last", help="Keep the first and the last Conv/Gemm in FP32."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Keep this node in FP32 (repeatable; the report names the most sensitive)."),
     reduce_range: bool = typer.Option(True, "--reduce-range/--full-range", help="7-bit weights: no INT8 overflow on x86 CPUs without VNNI."),
     eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Held-out labelled images per task: EVAL/<task>/<class>/*."),
     new_task: Optional[Path] = typer.Option(None, help="FOLDER/<class>/*: learn it with FP32 and INT8 features and compare."),
@@ -357,7 +358,7 @@ def calibrate(
     from pah_edge.calibration.quantize import QuantizeOptions
 
     options = QuantizeOptions(method=method, per_channel=per_channel, exclude_first_last=exclude_first_last,
-                              reduce_range=reduce_range)
+                              exclude=tuple(exclude), reduce_range=reduce_range)
     report = calibrate_bundle(bundle, images, options=options, samples=samples, eval_dir=eval_dir, new_task=new_task,
                               max_drop=max_drop, latency_runs=latency_runs, threads=threads, progress=progress)
     if as_json:
@@ -398,8 +399,8 @@ def _print_calibration_report(r: dict, bundle: Path) -> None:
     Console().print(table)
     lat, size = r["latency_ms"], r["size_mb"]
     lines = [
-        "largest per-layer errors (||INT8 - FP32|| / ||FP32||, own = the layer's own rounding):",
-        *(f"  {l['op']:<12} {l['node']}  {l['rel_error']:.3f} (own {l['own_rel_error']:.3f})" for l in r["layers"]),
+        "nodes adding the most error (||INT8 - FP32|| / ||FP32|| added, then accumulated; --exclude NODE keeps one FP32):",
+        *(f"  {l['op']:<10} {l['node']}  +{l['added_error']:.3f} -> {l['rel_error']:.3f}" for l in r["layers"]),
         f"size: FP32 {size['fp32']:.2f} MB, INT8 {size['int8']:.2f} MB",
         *(f"ONNX Runtime CPU, batch {b}: FP32 {lat['fp32'][b]:.2f} ms, INT8 {lat['int8'][b]:.2f} ms "
           f"({r['speedup'][b]:.2f}x)" for b in lat["fp32"]),
