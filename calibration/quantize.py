@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from pah_edge.errors import ConfigError
 
-METHODS = ("percentile", "entropy", "minmax")
-DEFAULT_METHOD = "percentile"
+METHODS = ("entropy", "percentile", "minmax")
+DEFAULT_METHOD = "entropy"
 # Layers whose inputs carry the model's full dynamic range (raw pixels in, features out).
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -50,13 +51,22 @@ class QuantizeOptions:
                 "weights": "int8 symmetric", "activations": "int8 symmetric", "format": "QDQ"}
 
 
+@contextlib.contextmanager
+def _root_log_level(level: int):
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(max(level, old))
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
 def prepare_for_quantization(fp32_path: Path, out_path: Path) -> Path:
     """Shape inference and ONNX Runtime's graph optimisations (BatchNorm folding and the like) first.
 
     Quantizing the optimised graph puts Q/DQ pairs where the runtime's fused kernels expect them.
     """
-    import logging
-
     from onnxruntime.quantization import quant_pre_process
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # its INFO steps are noise here
@@ -152,9 +162,10 @@ def int8_onnx_from_fp32(fp32_path: Path, out_path: Path, reader, options: Quanti
     narrow_clipped_ranges(prepared, ranges)
     cache = work_dir / "ranges.json"  # quantize_static takes precomputed ranges only from a file
     save_tensors_data(ranges, cache)
-    quantize_static(str(prepared), str(out_path), calibration_data_reader=None, calibration_cache_path=cache,
-                    quant_format=QuantFormat.QDQ, per_channel=options.per_channel, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, reduce_range=options.reduce_range, nodes_to_exclude=excluded,
-                    calibrate_method=ranges.calibration_method,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    with _root_log_level(logging.WARNING):  # ONNX Runtime logs a line per rescaled channel on the root logger
+        quantize_static(str(prepared), str(out_path), calibration_data_reader=None, calibration_cache_path=cache,
+                        quant_format=QuantFormat.QDQ, per_channel=options.per_channel, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, reduce_range=options.reduce_range, nodes_to_exclude=excluded,
+                        calibrate_method=ranges.calibration_method,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     return {"prepared": prepared, "excluded": excluded, "samples": reader.delivered}
