@@ -14,7 +14,6 @@ bundle is touched. Imports onnx and onnxruntime, never torch.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 import tempfile
@@ -66,9 +65,11 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
     if samples < 1 or batch_size < 1 or latency_runs < 1:
         raise ConfigError(f"--samples, --latency-runs and batch_size must be >= 1, got {samples}, {latency_runs}, "
                           f"{batch_size}")
-    if importlib.util.find_spec("onnx") is None:
-        raise PahEdgeError("pah-edge calibrate needs the onnx package: pip install 'pah-edge[calibrate]'")
-    from pah_edge.calibration.reader import ImageFolderReader, calibration_files  # imports onnx
+    try:
+        from pah_edge.calibration.reader import ImageFolderReader, calibration_files  # ORT quantization: onnx
+    except ImportError as exc:
+        raise PahEdgeError(f"pah-edge calibrate needs the onnx package ({exc}): "
+                           "pip install 'pah-edge[calibrate]'") from None
 
     bundle = Bundle.open(bundle_dir)  # checks the FP32 graphs' hashes
     # Everything the user can get wrong is checked before minutes of work.

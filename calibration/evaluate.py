@@ -1,7 +1,9 @@
 """How far an INT8 backbone is from its FP32 original: task accuracy, features, layers, size and speed.
 
-Everything runs on ONNX Runtime's CPU provider, so the numbers are this machine's INT8 kernels; a
-TensorRT engine built from the same Q/DQ file rounds the same way but accumulates on other hardware.
+Everything runs on ONNX Runtime's CPU provider. Accuracy and features carry over to a TensorRT
+engine built from the same Q/DQ file (same scales and rounding). Speed does not: x86 builds of ONNX
+Runtime fuse Q/DQ pairs into integer kernels only for unsigned activations (signed INT8, TensorRT's
+form, stays DequantizeLinear -> float kernel -> QuantizeLinear there; ARM builds fuse both).
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ class QuantizeOptions:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "per_channel": self.per_channel, "exclude_first_last": self.exclude_first_last,
-                "exclude": list(self.exclude), "reduce_range": self.reduce_range, "percentile": self.percentile if self.method == "percentile" else None,
+                "exclude": list(self.exclude), "reduce_range": self.reduce_range,
+                "percentile": self.percentile if self.method == "percentile" else None,
                 "weights": "int8 symmetric", "activations": "int8 symmetric", "format": "QDQ"}
 
 

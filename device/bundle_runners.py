@@ -52,7 +52,8 @@ def backbone_runner(bundle: Bundle, runtime: str = "auto", precision: str = "fp3
         engine = backbone_engine(bundle, precision)
         if engine is not None:
             return create_runner("tensorrt", engine)
-        fix = f"build one with `pah-edge build-engine {bundle.path}{' --precision int8' if precision == 'int8' else ''}`"
+        flag = " --precision int8" if precision == "int8" else ""
+        fix = f"build one with `pah-edge build-engine {bundle.path}{flag}`"
         if runtime == "tensorrt":
             raise PahEdgeError(f"no {precision} TensorRT engine in {bundle.path / 'engines'}: {fix}, "
                                "or pass --runtime onnxruntime")
