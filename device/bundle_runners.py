@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pah_edge.bundle import Bundle
+from pah_edge.bundle import CALIBRATION_REJECTED_NAME, Bundle
 from pah_edge.device.runtimes import Runner, RuntimeUnavailable, create_runner, pick_runtime, sidecar_path
 from pah_edge.errors import ConfigError, PahEdgeError
 
@@ -19,37 +19,58 @@ log = logging.getLogger("pah_edge")
 
 # What a user may ask for; "torch" is a reference runtime for checks, not for devices.
 DEVICE_RUNTIMES = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
-# When several engines are built, the fastest one wins (INT8 exists only after a deliberate calibration).
-ENGINE_PRECISIONS = ("int8", "fp16", "fp32")
+# Which backbone a user asks for: the float model (default) or the calibrated INT8 one. INT8 changes
+# the features, so it is never picked behind the user's back, even when its engine is built.
+PRECISIONS = ("fp32", "int8")
+# The engines that serve each precision, fastest first: an FP16 engine runs the float model.
+ENGINE_PRECISIONS = {"fp32": ("fp16", "fp32"), "int8": ("int8",)}
 
 
-def backbone_engine(bundle: Bundle) -> Path | None:
-    """``engines/backbone.<precision>.engine`` of the fastest precision built, or None."""
+def backbone_engine(bundle: Bundle, precision: str = "fp32") -> Path | None:
+    """``engines/backbone.<p>.engine`` of the fastest engine built for ``precision``, or None."""
     engines = bundle.path / "engines"
-    return next((e for p in ENGINE_PRECISIONS if (e := engines / f"backbone.{p}.engine").is_file()), None)
+    return next((e for p in ENGINE_PRECISIONS[precision] if (e := engines / f"backbone.{p}.engine").is_file()), None)
 
 
-def backbone_runner(bundle: Bundle, runtime: str = "auto") -> Runner:
+def backbone_runner(bundle: Bundle, runtime: str = "auto", precision: str = "fp32") -> Runner:
     """A runner for images [N, 3, S, S] -> features [N, D].
 
     ``auto``: the bundle's TensorRT engine when TensorRT works here and an engine is built, else ONNX
     Runtime on CUDA, else on the CPU. ``tensorrt`` without a built engine is an error naming the fix.
+    ``precision`` int8 runs ``backbone.int8.onnx`` (or its engine), which `pah-edge calibrate` must
+    have installed; fp32 runs the exported float backbone (or its FP16/FP32 engine).
     """
     if runtime not in DEVICE_RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}: choose one of {', '.join(DEVICE_RUNTIMES)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    model = bundle.graph_path("backbone") if precision == "fp32" else _int8_model(bundle)
     kind, skipped = pick_runtime(runtime)
     for reason in skipped:
         log.debug("runtime skipped: %s", reason)
     if kind == "tensorrt":
-        engine = backbone_engine(bundle)
+        engine = backbone_engine(bundle, precision)
         if engine is not None:
             return create_runner("tensorrt", engine)
-        fix = f"build one with `pah-edge build-engine {bundle.path}`"
+        flag = " --precision int8" if precision == "int8" else ""
+        fix = f"build one with `pah-edge build-engine {bundle.path}{flag}`"
         if runtime == "tensorrt":
-            raise PahEdgeError(f"no TensorRT engine in {bundle.path / 'engines'}: {fix}, or pass --runtime onnxruntime")
-        log.info("no TensorRT engine in %s, using ONNX Runtime (%s for speed)", bundle.path / "engines", fix)
+            raise PahEdgeError(f"no {precision} TensorRT engine in {bundle.path / 'engines'}: {fix}, "
+                               "or pass --runtime onnxruntime")
+        log.info("no %s TensorRT engine in %s, using ONNX Runtime (%s for speed)", precision, bundle.path / "engines",
+                 fix)
         kind = _best_onnxruntime()
-    return create_runner(kind, bundle.graph_path("backbone"))
+    return create_runner(kind, model)
+
+
+def _int8_model(bundle: Bundle) -> Path:
+    model = bundle.int8_backbone_path()
+    if model is None:
+        rejected = (bundle.path / CALIBRATION_REJECTED_NAME).is_file()
+        why = "its last calibration lost more accuracy than --max-drop" if rejected else "it has no INT8 backbone"
+        raise PahEdgeError(f"--precision int8: {bundle.path} has no usable INT8 model ({why}); run "
+                           f"`pah-edge calibrate {bundle.path} --images DIR`, or use --precision fp32")
+    return model
 
 
 def generator_runner(bundle: Bundle) -> Runner:

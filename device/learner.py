@@ -96,7 +96,7 @@ def extract_features(runner: Runner, folders: ClassFolders, bundle: Bundle, batc
     read = np.zeros(len(items), bool)
     stream = BatchStream(items, bundle.preprocess, batch_size)
     start = time.perf_counter()
-    with _progress_bar(progress, "features", len(items)) as advance:
+    with progress_bar(progress, "features", len(items)) as advance:
         for inputs, positions in stream:
             features[positions] = runner.infer({"images": inputs})["features"]
             if keep_thumbs:
@@ -116,7 +116,8 @@ def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> flo
 
 
 def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, budget_mb: float = 300,
-               runtime: str = "auto", replace: bool = False, val_fraction: float = 0.2, max_steps: int = 200,
+               runtime: str = "auto", precision: str = "fp32", replace: bool = False, val_fraction: float = 0.2,
+               max_steps: int = 200,
                lr: float = 0.5, weight: float = 0.01, patience: int = 25, seed: int = 0, progress: bool = True,
                lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
     """Learn the task in ``folder`` (``<class>/<images>``) into ``bundle``; returns the report.
@@ -124,13 +125,14 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
     Everything that can be checked is checked before any image is decoded. The bundle's lock is
     held from the name check to the registration (another learn-task waits up to ``lock_wait_s``
     s), and nothing is written before the final registration, so an interrupted run leaves the
-    bundle as it was. ``budget_mb`` (MB) bounds the backbone batch. ``lr``, ``weight``,
-    ``patience``, ``max_steps``: see ``prototype_fit.fit_prototypes``.
+    bundle as it was. ``budget_mb`` (MB) bounds the backbone batch. ``precision`` int8 computes the
+    features with the calibrated INT8 backbone (`pah-edge calibrate`); predict with the same precision.
+    ``lr``, ``weight``, ``patience``, ``max_steps``: see ``prototype_fit.fit_prototypes``.
 
     Report: name, classes (names), images {train, val}, skipped (unreadable images),
     ignored_files, train_accuracy (final fit, all images) and val_accuracy (the fit without the
     validation images; None without them), initial_loss and final_loss (cross-entropy of the final
-    fit), steps, converged, runtime, batch_size, feature_images_per_s (decoding included),
+    fit), steps, converged, runtime, precision, batch_size, feature_images_per_s (decoding included),
     feature_seconds, optimise_seconds, wall_seconds (s), peak_rss_mb (MB), bytes_stored and file.
     """
     wall = time.perf_counter()
@@ -141,7 +143,7 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
     batch = batch_size_for(budget_mb, bundle.preprocess.image_size)
     with ExitStack() as stack:
         # Runners are activated before the lock: a missing engine or runtime fails with the bundle untouched.
-        backbone = stack.enter_context(backbone_runner(bundle, runtime))
+        backbone = stack.enter_context(backbone_runner(bundle, runtime, precision))
         heads_of = stack.enter_context(generator_runner(bundle))
         # The step graph is tiny: one thread beats a pool's hand-offs.
         objective = PrototypeObjective(
@@ -159,7 +161,7 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
         train, val = split_train_val(extracted.labels, folders.class_names, val_fraction, seed)
         everything = np.arange(len(extracted.labels))
         start, coordinates = _starting_point(bundle, heads_of, extracted, len(folders.class_names))
-        with _progress_bar(progress, "prototypes", max_steps * (2 if len(val) else 1)) as advance:
+        with progress_bar(progress, "prototypes", max_steps * (2 if len(val) else 1)) as advance:
             def fit(indices, warm=None) -> FitResult:
                 return fit_prototypes(objective, start(indices), extracted.features[indices], extracted.labels[indices],
                                       max_steps=max_steps, lr=lr, weight=weight, patience=patience, seed=seed,
@@ -190,6 +192,7 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
         "steps": result.steps,
         "converged": result.converged,
         "runtime": backbone.name,
+        "precision": precision,
         "batch_size": batch,
         "feature_images_per_s": len(extracted.labels) / extracted.seconds if extracted.seconds > 0 else None,
         "feature_seconds": extracted.seconds,
@@ -246,8 +249,8 @@ def _check_options(*, val_fraction: float, max_steps: int, lr: float, weight: fl
 
 
 @contextmanager
-def _progress_bar(enabled: bool, label: str, total: int):
-    """``with _progress_bar(on, label, total) as advance: advance(n)``; a Rich bar on stderr when on."""
+def progress_bar(enabled: bool, label: str, total: int):
+    """``with progress_bar(on, label, total) as advance: advance(n)``; a Rich bar on stderr when on."""
     if not enabled:
         yield lambda n: None
         return

@@ -66,12 +66,13 @@ class Predictor:
     """Predicts classes of images with a bundle's tasks; use as ``with Predictor(bundle) as p:``.
 
     runtime: auto, tensorrt, onnxruntime, onnxruntime-cuda or onnxruntime-cpu (for the backbone;
-    the generator always runs on the CPU, once per task).
+    the generator always runs on the CPU, once per task). precision: fp32 or int8 (the calibrated
+    backbone from `pah-edge calibrate`).
     """
 
-    def __init__(self, bundle: Bundle, *, runtime: str = "auto"):
+    def __init__(self, bundle: Bundle, *, runtime: str = "auto", precision: str = "fp32"):
         self.bundle = bundle
-        self.backbone = backbone_runner(bundle, runtime)
+        self.backbone = backbone_runner(bundle, runtime, precision)
         self.generator = generator_runner(bundle)
         self.heads: dict[str, np.ndarray] = {}  # task name -> head float32 [C, D]
         self._head_sources: dict[str, str] = {}  # task name -> SHA-256 of the prototypes it came from

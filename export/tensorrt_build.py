@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pah_edge.atomic import atomic_write_bytes, atomic_write_json
+from pah_edge.bundle import MANIFEST_NAME, Bundle
 from pah_edge.device.runtimes.tensorrt import gpu_identity, load_tensorrt, sidecar_path
 from pah_edge.errors import PahEdgeError
 
@@ -47,6 +48,8 @@ def backbone_onnx(bundle_dir: Path, precision: str) -> Path:
             raise TensorRTBuildError(
                 f"no INT8 model in {bundle_dir}: run `pah-edge calibrate {bundle_dir} --images DIR` first"
             )
+        if (bundle_dir / MANIFEST_NAME).is_file():
+            Bundle.open(bundle_dir, verify=False).int8_backbone_path()  # BundleError unless its record vouches for it
         return path
     path = bundle_dir / "backbone.onnx"
     if not path.is_file():

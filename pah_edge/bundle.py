@@ -10,6 +10,9 @@ Layout of a bundle directory::
     tasks/registry.json    mutable: one entry per task (name, class names, file, SHA-256, ...)
     tasks/<name>.npz       key "prototypes": float32 [C, c, s, s]
     engines/               TensorRT engines; device-specific, so not hashed in the manifest
+    backbone.int8.onnx     optional, from `pah-edge calibrate`: the backbone with Q/DQ INT8 nodes
+    calibration.json       its record (settings, accuracy report, SHA-256); written after the model
+    calibration.rejected.json  the report of the latest calibration that failed --max-drop (no model)
 
 Imports numpy, never torch: the device reads and extends bundles with this module. Every write is
 atomic (``pah_edge.atomic``); a task's file is written before the registry entry that names it, so
@@ -47,6 +50,9 @@ GRAPH_NAMES = ("backbone", "generator", "learner_step")
 TASK_SOURCES = ("workstation", "device")
 PROTOTYPES_KEY = "prototypes"
 LOCK_NAME = ".lock"
+INT8_BACKBONE_NAME = "backbone.int8.onnx"
+CALIBRATION_NAME = "calibration.json"
+CALIBRATION_REJECTED_NAME = "calibration.rejected.json"  # the report of a calibration that failed --max-drop
 
 log = logging.getLogger("pah_edge")
 
@@ -166,6 +172,29 @@ class Bundle:
         if name not in graphs:
             raise BundleError(f"no graph {name!r} in {self.path}; choose one of: {', '.join(graphs)}")
         return self.path / graphs[name]["file"]
+
+    def int8_backbone_path(self) -> Path | None:
+        """``backbone.int8.onnx`` if a calibration that passed its --max-drop installed it, else None.
+
+        The file is checked against the SHA-256 in calibration.json (BundleError on a mismatch, or
+        for a model without its record, which an interrupted calibration leaves).
+        """
+        model, record_path = self.path / INT8_BACKBONE_NAME, self.path / CALIBRATION_NAME
+        fix = f"run `pah-edge calibrate {self.path} --images DIR` again"
+        if not record_path.is_file():
+            if model.is_file():
+                raise BundleError(f"{INT8_BACKBONE_NAME} in {self.path} has no {CALIBRATION_NAME} (an interrupted "
+                                  f"calibration?); {fix}")
+            return None
+        record = _read_json(record_path, fix=fix)
+        if not isinstance(record, dict) or not record.get("passed"):
+            return None
+        if not model.is_file():
+            raise BundleError(f"{INT8_BACKBONE_NAME} is missing from {self.path}; {fix}")
+        if sha256_file(model) != record.get("sha256"):
+            raise BundleError(f"{INT8_BACKBONE_NAME} does not match its SHA-256 in {CALIBRATION_NAME} (changed or "
+                              f"corrupt); {fix}")
+        return model
 
     @contextlib.contextmanager
     def lock(self, wait_s: float | None = None):

@@ -97,6 +97,9 @@ def train(
                    f"BWT {100 * metrics['bwt']:+.2f}%  -> {out / 'metrics.json'}")
 
 
+PRECISION_HELP = "Backbone: fp32, or int8 (the model `pah-edge calibrate` installed; learn and predict alike)."
+
+
 @app.command("learn-task")
 @user_errors
 def learn_task(
@@ -105,6 +108,7 @@ def learn_task(
     name: Optional[str] = typer.Option(None, help="Task name (default: the folder's name)."),
     budget_mb: float = typer.Option(300, help="Memory budget in MB; sets the backbone batch size."),
     runtime: str = typer.Option("auto", help="auto (TensorRT engine if built, else ONNX Runtime), tensorrt, onnxruntime."),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a task of the same name."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object (and nothing else) on stdout."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars (on stderr)."),
@@ -115,8 +119,8 @@ def learn_task(
     from pah_edge.bundle import Bundle
     from pah_edge.device.learner import learn_task as learn, summary_line
 
-    report = learn(Bundle.open(bundle), folder, name=name, budget_mb=budget_mb, runtime=runtime, replace=replace,
-                   progress=progress)
+    report = learn(Bundle.open(bundle), folder, name=name, budget_mb=budget_mb, runtime=runtime, precision=precision,
+                   replace=replace, progress=progress)
     typer.echo(json.dumps(report) if as_json else summary_line(report))
 
 
@@ -131,6 +135,7 @@ def predict(
     task: Optional[str] = typer.Option(None, help="Predict this task's classes (default: the only or the newest task)."),
     any_task: bool = typer.Option(False, "--any-task", help="Score every task; keep the (task, class) of highest confidence."),
     runtime: str = typer.Option("auto", help="auto (TensorRT engine if built, else ONNX Runtime), tensorrt, onnxruntime."),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
     batch_size: int = typer.Option(32, help="Images per backbone call."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list of {path, task, label, confidence}."),
 ):
@@ -141,7 +146,7 @@ def predict(
     from pah_edge.device.predict import Predictor, check_task_choice
 
     check_task_choice(task, any_task)  # before the runtimes start
-    with Predictor(Bundle.open(bundle), runtime=runtime) as predictor:
+    with Predictor(Bundle.open(bundle), runtime=runtime, precision=precision) as predictor:
         results = predictor.predict(images, task=task, any_task=any_task, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
@@ -321,6 +326,92 @@ def export(
 
         for path in build_engines(out, precision=engine):
             typer.echo(f"engine -> {path}")
+
+
+from pah_edge.calibration.calibrate import DEFAULT_MAX_DROP, DEFAULT_SAMPLES  # noqa: E402 (light: no onnx)
+from pah_edge.calibration.quantize import DEFAULT_METHOD, METHODS  # noqa: E402
+
+
+@app.command()
+@user_errors
+def calibrate(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `pah-edge export`."),
+    images: Path = typer.Option(..., help="Calibration images: DIR/<class>/* (classes sampled evenly) or DIR/*."),
+    samples: int = typer.Option(DEFAULT_SAMPLES, help="Calibration images to use; fewer readable ones is an error."),
+    method: str = typer.Option(DEFAULT_METHOD, help=f"Activation ranges: {', '.join(METHODS)}."),
+    per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="One weight scale per output channel or per tensor."),
+    exclude_first_last: bool = typer.Option(False, "--exclude-first-last", help="Keep the first and the last Conv/Gemm in FP32."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Keep this node in FP32 (repeatable; the report names the most sensitive)."),
+    reduce_range: bool = typer.Option(True, "--reduce-range/--full-range", help="7-bit weights: no INT8 overflow on x86 CPUs without VNNI."),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Held-out labelled images per task: EVAL/<task>/<class>/*."),
+    new_task: Optional[Path] = typer.Option(None, help="FOLDER/<class>/*: learn it with FP32 and INT8 features and compare."),
+    max_drop: float = typer.Option(DEFAULT_MAX_DROP, help="Largest accuracy loss in points on any --eval task that still installs INT8."),
+    latency_runs: int = typer.Option(10, help="Timed ONNX Runtime calls per model and batch size (1 and 32)."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads for the timing (default: one per core)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (on stderr)."),
+):
+    """INT8 post-training calibration: write backbone.int8.onnx (Q/DQ) and report its cost against FP32."""
+    import json
+
+    from pah_edge.calibration.calibrate import calibrate_bundle
+    from pah_edge.calibration.quantize import QuantizeOptions
+
+    options = QuantizeOptions(method=method, per_channel=per_channel, exclude_first_last=exclude_first_last,
+                              exclude=tuple(exclude), reduce_range=reduce_range)
+    report = calibrate_bundle(bundle, images, options=options, samples=samples, eval_dir=eval_dir, new_task=new_task,
+                              max_drop=max_drop, latency_runs=latency_runs, threads=threads, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_calibration_report(report, bundle)
+    if not report["passed"]:
+        err_console.print(f"[bold red]error:[/] INT8 loses {report['worst_drop_points']:.2f} points, more than --max-drop "
+                          f"{max_drop:g}; not installed, FP32 stays the default (report in "
+                          f"{escape(str(bundle / 'calibration.rejected.json'))}). Try --exclude-first-last, another "
+                          "--method or more --samples", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _print_calibration_report(r: dict, bundle: Path) -> None:
+    from rich.table import Table
+
+    def pct(fraction) -> str:
+        return "-" if fraction is None else f"{100 * fraction:.1f}"
+
+    options = r["options"]
+    table = Table(title=f"INT8 vs FP32: {options['method']}, {'per-channel' if options['per_channel'] else 'per-tensor'}"
+                        f", {options['samples']} calibration images")
+    for column in ("task", "images", "FP32 %", "INT8 %", "drop", "agree %", "cosine"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for t in r["tasks"]:
+        if not t["evaluated"]:
+            table.add_row(t["task"], "not evaluated", "", "", "", "", "")
+            continue
+        drop = 100 * (t["fp32_accuracy"] - t["int8_accuracy"])
+        table.add_row(t["task"], str(t["images"]), pct(t["fp32_accuracy"]), pct(t["int8_accuracy"]), f"{drop:+.1f}",
+                      pct(t["agreement"]), f"{t['cosine_mean']:.4f}")
+    new = r["new_task"]
+    if new is not None:
+        fp32, int8 = new["fp32"]["val_accuracy"], new["int8"]["val_accuracy"]
+        table.add_row(f"new: {Path(new['folder']).name} (val)", str(new["images"]["val"]), pct(fp32), pct(int8),
+                      "" if None in (fp32, int8) else f"{100 * (fp32 - int8):+.1f}", "", "")
+    Console().print(table)
+    lat, size = r["latency_ms"], r["size_mb"]
+    lines = [
+        "nodes adding the most error (||INT8 - FP32|| / ||FP32|| added, then accumulated; --exclude NODE keeps one FP32):",
+        *(f"  {l['op']:<10} {l['node']}  +{l['added_error']:.3f} -> {l['rel_error']:.3f}" for l in r["layers"]),
+        f"size: FP32 {size['fp32']:.2f} MB, INT8 {size['int8']:.2f} MB",
+        *(f"ONNX Runtime CPU, batch {b}: FP32 {lat['fp32'][b]:.2f} ms, INT8 {lat['int8'][b]:.2f} ms "
+          f"({r['speedup'][b]:.2f}x)" for b in lat["fp32"]),
+        f"excluded from INT8: {', '.join(r['excluded_nodes']) or 'none'}",
+    ]
+    if not r["accuracy_checked"]:
+        lines.append("accuracy not checked: no --eval images of registered tasks; --max-drop could not apply")
+    if r["passed"]:
+        lines.append(f"INT8 -> {bundle / r['file']} (use it with --precision int8; record in {bundle / 'calibration.json'})")
+    for line in lines:
+        typer.echo(line)
 
 
 @app.command("build-engine")

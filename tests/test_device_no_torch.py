@@ -1,4 +1,5 @@
-"""The device commands run where torch cannot be imported: `learn-task`, `predict`, `tasks` and `bench`.
+"""The device commands run where torch cannot be imported: `learn-task`, `predict`, `tasks`, `bench`
+and `calibrate`.
 
 A directory holding ``torch/__init__.py`` that raises ImportError goes first on PYTHONPATH of a
 subprocess running the real entry point, so any import of torch, direct or through another
@@ -7,6 +8,7 @@ package, fails there. The bundle itself is made in this (torch-enabled) process.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +113,21 @@ def test_bench_plot_without_matplotlib_names_the_install(made, tmp_path):
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: --plot needs matplotlib: pip install matplotlib")
     assert not (tmp_path / "b.png").exists()
+
+
+def test_calibrate_then_learn_and_predict_with_int8_run_without_torch(made, tmp_path):
+    bundle_dir, query, new_task, blocker = made
+    bundle_dir = shutil.copytree(bundle_dir, tmp_path / "bundle")
+
+    def cli(*args):
+        result = _without_torch(blocker, "-m", "pah_edge.cli", *args, "--no-progress")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and BLOCKED not in result.stderr
+        return result.stdout
+
+    cli("calibrate", bundle_dir, "--images", query, "--samples", "4", "--latency-runs", "1")
+    report = json.loads(cli("learn-task", new_task, "--bundle", bundle_dir, "--precision", "int8", "--json"))
+    assert report["precision"] == "int8" and report["name"] == "pairs"
+    predictions = json.loads(_without_torch(blocker, "-m", "pah_edge.cli", "predict", query, "--bundle", bundle_dir,
+                                            "--task", "pairs", "--precision", "int8", "--json").stdout)
+    assert len(predictions) == len(QUERY_FILES) and {p["task"] for p in predictions} == {"pairs"}

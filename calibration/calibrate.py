@@ -1,0 +1,160 @@
+"""``pah-edge calibrate``: quantize a bundle's backbone to INT8, measure what it costs, install it if it passes.
+
+The bundle changes only at the end, under its lock, with atomic writes:
+
+- passed (every evaluated task loses at most ``max_drop`` points): calibration.json is removed, then
+  ``backbone.int8.onnx`` and a new calibration.json (the record, which holds the model's SHA-256)
+  are written. A crash in between leaves a model without its record, which nothing will run.
+- failed: only ``calibration.rejected.json`` (the report) is written; an INT8 model installed by an
+  earlier calibration stays as it was, and FP32 remains what every command runs by default.
+
+Bad input (no readable images, fewer than ``samples``, unknown eval folders) fails before the
+bundle is touched. Imports onnx and onnxruntime, never torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from pah_edge.atomic import atomic_write_bytes, atomic_write_json
+from pah_edge.bundle import (CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_BACKBONE_NAME, LOCK_NAME, Bundle,
+                             sha256_file, utc_now)
+from pah_edge.calibration.evaluate import (compare_tasks, eval_task_folders, latency_ms, layer_errors,
+                                           size_mb)
+from pah_edge.calibration.quantize import QuantizeOptions, int8_onnx_from_fp32
+from pah_edge.config import library_versions
+from pah_edge.device.images import BatchStream, scan_class_folders
+from pah_edge.device.learner import LOCK_WAIT_S, learn_task, progress_bar
+from pah_edge.errors import ConfigError, PahEdgeError
+
+log = logging.getLogger("pah_edge")
+
+RECORD_FORMAT_VERSION = 1
+DEFAULT_SAMPLES = 512
+DEFAULT_MAX_DROP = 1.0  # accuracy points
+LAYER_IMAGES = 8  # calibration images whose every activation is compared (all tensors of two graphs in memory)
+LATENCY_BATCHES = (1, 32)
+NEW_TASK_NAME = "int8-check"
+
+
+def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: QuantizeOptions = QuantizeOptions(),
+                     samples: int = DEFAULT_SAMPLES, eval_dir: str | Path | None = None,
+                     new_task: str | Path | None = None, max_drop: float = DEFAULT_MAX_DROP, batch_size: int = 8,
+                     seed: int = 0, latency_runs: int = 10, threads: int | None = None, progress: bool = True,
+                     lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
+    """Calibrate on ``samples`` images of ``images``, compare INT8 with FP32, and install it if it passes.
+
+    eval_dir: held-out labelled images per registered task, ``EVAL/<task>/<class>/*``; tasks without
+    a folder are reported as not evaluated, and with none evaluated the accuracy gate cannot fail
+    (``accuracy_checked`` False). new_task: ``FOLDER/<class>/*`` learned twice as `learn-task` would,
+    on a scratch copy of the bundle, with FP32 and with INT8 features. max_drop: the largest
+    accuracy loss (points) on any evaluated task that still installs the model. latency_runs:
+    timed calls per model and batch size (1 and 32) after 2 warm-up calls; threads: ONNX Runtime
+    intra-op threads for them (None: its default, one per core).
+
+    Returns the record (also the content of calibration.json or calibration.rejected.json):
+    settings, ``tasks`` (per task fp32/int8 accuracy, agreement, cosine), ``new_task``,
+    ``layers`` (the largest per-layer errors), ``size_mb``, ``latency_ms``, ``speedup``,
+    ``worst_drop_points`` and ``passed``.
+    """
+    if not max_drop >= 0:
+        raise ConfigError(f"--max-drop is a number of accuracy points >= 0, got {max_drop!r}")
+    if samples < 1 or batch_size < 1 or latency_runs < 1:
+        raise ConfigError(f"--samples, --latency-runs and batch_size must be >= 1, got {samples}, {latency_runs}, "
+                          f"{batch_size}")
+    try:
+        from pah_edge.calibration.reader import ImageFolderReader, calibration_files  # ORT quantization: onnx
+    except ImportError as exc:
+        raise PahEdgeError(f"pah-edge calibrate needs the onnx package ({exc}): "
+                           "pip install 'pah-edge[calibrate]'") from None
+
+    bundle = Bundle.open(bundle_dir)  # checks the FP32 graphs' hashes
+    # Everything the user can get wrong is checked before minutes of work.
+    files = calibration_files(images, samples, seed)
+    eval_folders = eval_task_folders(bundle, Path(eval_dir) if eval_dir is not None else None)
+    if new_task is not None:
+        scan_class_folders(new_task)
+    fp32_path = bundle.graph_path("backbone")
+
+    with tempfile.TemporaryDirectory(prefix="pah-edge-calibrate-") as tmp:
+        work = Path(tmp)
+        int8_path = work / INT8_BACKBONE_NAME
+        with progress_bar(progress, "calibration images", samples) as advance:
+            reader = ImageFolderReader(files, bundle.preprocess, samples=samples, batch_size=batch_size,
+                                       on_images=advance)
+            made = int8_onnx_from_fp32(fp32_path, int8_path, reader, options, work)
+        measured = _compare(bundle, int8_path, made["prepared"], files, eval_folders, new_task, work,
+                            latency_runs=latency_runs, threads=threads)
+        # Rounded: 0.9 - 0.89 is 1.0000000000000009 points in floating point, and must pass --max-drop 1.
+        drops = [round(100 * (t["fp32_accuracy"] - t["int8_accuracy"]), 6) for t in measured["tasks"] if t["evaluated"]]
+        record = {
+            "format_version": RECORD_FORMAT_VERSION,
+            "file": INT8_BACKBONE_NAME,
+            "sha256": sha256_file(int8_path),
+            "fp32_sha256": bundle.files.get(fp32_path.name),
+            "created": utc_now(),
+            "options": {**options.to_dict(), "samples": made["samples"], "images": str(images), "seed": seed,
+                        "batch_size": batch_size},
+            "excluded_nodes": made["excluded"],
+            "max_drop_points": max_drop,
+            "worst_drop_points": max(drops) if drops else None,
+            "accuracy_checked": bool(drops),
+            "passed": not drops or max(drops) <= max_drop,
+            **measured,
+            "versions": library_versions(),
+        }
+        with bundle.lock(lock_wait_s):
+            if record["passed"]:
+                _install(bundle.path, int8_path, record)
+            else:
+                atomic_write_json(bundle.path / CALIBRATION_REJECTED_NAME, record)
+    return record
+
+
+def _compare(bundle: Bundle, int8_path: Path, prepared: Path, files: list[Path], eval_folders: dict[str, Path],
+             new_task: str | Path | None, work: Path, *, latency_runs: int, threads: int | None) -> dict:
+    """The report's measurements: tasks, new_task, layers, size_mb, latency_ms (and its threads), speedup."""
+    fp32_path = bundle.graph_path("backbone")
+    log.info("comparing INT8 with FP32 (%s)", ", ".join(eval_folders) or "no --eval tasks")
+    tasks = compare_tasks(bundle, fp32_path, int8_path, eval_folders)
+    new = _new_task_accuracy(bundle, new_task, int8_path, work) if new_task is not None else None
+    first_images = next(iter(BatchStream([(f, 0) for f in files], bundle.preprocess, LAYER_IMAGES)))[0]
+    layers = layer_errors(prepared, int8_path, first_images)
+    log.info("timing FP32 and INT8 on ONNX Runtime CPU, batch %s", " and ".join(map(str, LATENCY_BATCHES)))
+    latency = {name: {str(b): latency_ms(path, bundle.preprocess.image_size, b, runs=latency_runs, threads=threads)
+                      for b in LATENCY_BATCHES}
+               for name, path in (("fp32", fp32_path), ("int8", int8_path))}
+    return {"tasks": tasks, "new_task": new, "layers": layers,
+            "size_mb": {"fp32": size_mb(fp32_path), "int8": size_mb(int8_path)},
+            "latency_ms": latency, "latency_threads": threads,
+            "speedup": {b: latency["fp32"][b] / latency["int8"][b] for b in latency["fp32"]}}
+
+
+def _install(bundle_dir: Path, int8_path: Path, record: dict) -> None:
+    """Model, then record (see the module docstring); a stale rejection report goes last."""
+    (bundle_dir / CALIBRATION_NAME).unlink(missing_ok=True)
+    atomic_write_bytes(bundle_dir / INT8_BACKBONE_NAME, int8_path.read_bytes())
+    atomic_write_json(bundle_dir / CALIBRATION_NAME, record)
+    (bundle_dir / CALIBRATION_REJECTED_NAME).unlink(missing_ok=True)
+
+
+def _new_task_accuracy(bundle: Bundle, folder: str | Path, int8_path: Path, work: Path) -> dict:
+    """learn-task on ``folder`` with FP32 and with INT8 features, in a scratch copy of the bundle.
+
+    Accuracies are learn-task's own: ``val`` on its held-out 20 % (which also picks the early stop).
+    """
+    scratch = work / "bundle"
+    shutil.copytree(bundle.path, scratch, ignore=shutil.ignore_patterns("engines", LOCK_NAME, "calibration*.json"))
+    shutil.copyfile(int8_path, scratch / INT8_BACKBONE_NAME)
+    atomic_write_json(scratch / CALIBRATION_NAME, {"passed": True, "sha256": sha256_file(int8_path)})
+    copy = Bundle.open(scratch)
+    result = {"folder": str(folder)}
+    for precision in ("fp32", "int8"):
+        report = learn_task(copy, folder, name=NEW_TASK_NAME, runtime="onnxruntime-cpu", precision=precision,
+                            replace=True, progress=False)
+        result[precision] = {"train_accuracy": report["train_accuracy"], "val_accuracy": report["val_accuracy"]}
+        result["images"] = report["images"]
+    return result

@@ -1,0 +1,217 @@
+"""INT8 calibration (`pah_edge.calibration`, `pah-edge calibrate`) on the tiny bundle of real digits.
+
+Real ONNX Runtime quantization, no mocks. The tiny bundle's tasks are weak (tiny_cnn, 1 epoch), so
+their logits sit close together and a feature change of 3e-4 in cosine flips a few predictions:
+accuracy gates are tested on deliberately broken calibrations, and the INT8 graph's fidelity on
+features (cosine, relative error) with tolerances measured here.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import write_image_folder
+from PIL import Image
+from test_cli import _assert_one_line_error, _run, _tree
+from tiny_bundle import make_tiny_bundle
+
+from pah_edge.bundle import (CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_BACKBONE_NAME, LOCK_NAME, Bundle,
+                             BundleError)
+from pah_edge.calibration.quantize import QuantizeOptions, int8_onnx_from_fp32
+from pah_edge.calibration.reader import ImageFolderReader, calibration_files
+from pah_edge.device.images import BatchStream
+from pah_edge.errors import ConfigError
+
+# Measured on the tiny bundle (entropy, per-channel, 7-bit weights, 37 images): mean cosine 0.9996,
+# relative error 0.03. The bounds leave room for other CPUs' kernels.
+MIN_COSINE = 0.99
+MAX_REL_ERROR = 0.1
+FAST = ["--samples", "40", "--latency-runs", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, mnist_digits):
+    """(bundle, calibration images, eval folder, new-task folder): images the bundle never trained on."""
+    root = tmp_path_factory.mktemp("calibration")
+    bundle = make_tiny_bundle(root, mnist_digits)
+    held_out = {d: images[200:] for d, images in mnist_digits.items()}
+    calib = write_image_folder(root / "calib", held_out, {"all": list(range(10))}, per_class=8) / "all"
+    evaluation = write_image_folder(root / "eval", {d: images[100:] for d, images in held_out.items()},
+                                    {"a": [0, 1, 2], "b": [3, 4, 5], "c": [6, 7, 8, 9]}, per_class=10)
+    new_task = write_image_folder(root / "new", {d: images[200:] for d, images in held_out.items()},
+                                  {"pairs": [1, 7]}, per_class=10) / "pairs"
+    return bundle, calib, evaluation, new_task
+
+
+@pytest.fixture
+def bundle_dir(made, tmp_path):
+    return shutil.copytree(made[0], tmp_path / "bundle")
+
+
+def _features(model_path, inputs):
+    return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, {"images": inputs})[0]
+
+
+# --- the Q/DQ graph -----------------------------------------------------------------------------------
+
+
+def test_qdq_graph_runs_in_onnxruntime_close_to_fp32(made, tmp_path):
+    bundle_dir, calib, _, _ = made
+    bundle = Bundle.open(bundle_dir)
+    files = calibration_files(calib, 40)
+    reader = ImageFolderReader(files, bundle.preprocess, samples=37, batch_size=8)  # a short last batch too
+    out = tmp_path / "int8.onnx"
+    made_info = int8_onnx_from_fp32(bundle.graph_path("backbone"), out, reader, QuantizeOptions(), tmp_path)
+
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, ops
+    assert made_info["samples"] == 37 and made_info["excluded"] == []
+    inputs = next(iter(BatchStream([(f, 0) for f in files[40:]], bundle.preprocess, 32)))[0]  # not calibrated on
+    fp32, int8 = _features(bundle.graph_path("backbone"), inputs), _features(out, inputs)
+    cosine = np.sum(fp32 * int8, axis=1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
+    assert cosine.mean() > MIN_COSINE, cosine
+    assert np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32) < MAX_REL_ERROR
+
+
+def test_excluded_nodes_stay_fp32(made, tmp_path):
+    bundle = Bundle.open(made[0])
+    reader = ImageFolderReader(calibration_files(made[1], 16), bundle.preprocess, samples=16)
+    out = tmp_path / "int8.onnx"
+    info = int8_onnx_from_fp32(bundle.graph_path("backbone"), out, reader,
+                               QuantizeOptions(method="minmax", exclude_first_last=True,
+                                               exclude=("/trunk/trunk.1/trunk.1.0/Conv",)), tmp_path)
+    convs = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"]
+    assert info["excluded"] == [c.name for c in convs] == ["/trunk/trunk.0/trunk.0.0/Conv",
+                                                             "/trunk/trunk.1/trunk.1.0/Conv",
+                                                             "/trunk/trunk.2/trunk.2.0/Conv"]
+    initializers = {i.name for i in onnx.load(str(out)).graph.initializer}
+    # A quantized Conv reads its weight through a DequantizeLinear; an excluded one reads the float weight.
+    assert all(conv.input[1] in initializers for conv in convs)
+
+
+def test_unknown_excluded_node_is_named(made, tmp_path):
+    bundle = Bundle.open(made[0])
+    reader = ImageFolderReader(calibration_files(made[1], 8), bundle.preprocess, samples=8)
+    with pytest.raises(ConfigError, match="--exclude nope: no such node"):
+        int8_onnx_from_fp32(bundle.graph_path("backbone"), tmp_path / "int8.onnx", reader,
+                            QuantizeOptions(exclude=("nope",)), tmp_path)
+
+
+def test_calibration_files_take_classes_in_turn(tmp_path, mnist_digits):
+    root = write_image_folder(tmp_path, mnist_digits, {"t": [0, 1, 2]}, per_class=4) / "t"
+    files = calibration_files(root, 6)
+    assert [f.parent.name for f in files[:6]] == ["digit0", "digit1", "digit2"] * 2
+    assert sorted(files) == sorted(root.rglob("*.png"))
+
+
+# --- the command: install, report, refuse ------------------------------------------------------------------
+
+
+def test_calibrate_installs_int8_and_reports(made, bundle_dir):
+    _, calib, evaluation, new_task = made
+    before = _tree(bundle_dir)
+    # The tiny tasks' near-tied logits make small drops likely: this test is about the install and the report.
+    result = _run("calibrate", bundle_dir, "--images", calib, "--eval", evaluation, "--new-task", new_task,
+                  "--max-drop", "100", "--json", *FAST)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["accuracy_checked"]
+    assert [t["task"] for t in report["tasks"]] == ["a", "b", "c"]
+    for task in report["tasks"]:
+        assert task["evaluated"] and task["images"] == 10 * len(Bundle.open(bundle_dir).task(task["task"]).class_names)
+        assert task["cosine_mean"] > MIN_COSINE and 0 <= task["int8_accuracy"] <= 1
+    assert set(report["new_task"]) >= {"fp32", "int8", "images"}
+    added = [layer["added_error"] for layer in report["layers"]]
+    assert 0 < len(added) <= 5 and added == sorted(added, reverse=True)
+    assert set(report["latency_ms"]["int8"]) == {"1", "32"} and report["size_mb"]["int8"] > 0
+    assert report["options"]["method"] == "entropy" and report["options"]["per_channel"]
+
+    opened = Bundle.open(bundle_dir)
+    assert opened.int8_backbone_path() == bundle_dir / INT8_BACKBONE_NAME
+    record = json.loads((bundle_dir / CALIBRATION_NAME).read_text())
+    assert record["sha256"] == report["sha256"]
+    after = _tree(bundle_dir)
+    assert set(after) - set(before) == {INT8_BACKBONE_NAME, CALIBRATION_NAME, LOCK_NAME}
+    assert {k: v for k, v in after.items() if k in before} == before, "the FP32 bundle must stay as it was"
+
+
+def test_int8_file_is_checked_against_its_record(made, bundle_dir):
+    from pah_edge.calibration.calibrate import calibrate_bundle
+
+    calibrate_bundle(bundle_dir, made[1], samples=16, max_drop=100, latency_runs=1, progress=False)
+    model = bundle_dir / INT8_BACKBONE_NAME
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match="does not match its SHA-256 in calibration.json"):
+        Bundle.open(bundle_dir).int8_backbone_path()
+    (bundle_dir / CALIBRATION_NAME).unlink()  # what a crash between model and record leaves
+    with pytest.raises(BundleError, match="has no calibration.json"):
+        Bundle.open(bundle_dir).int8_backbone_path()
+
+
+def test_a_calibration_over_max_drop_is_not_installed(made, bundle_dir, tmp_path):
+    _, _, evaluation, new_task = made
+    black = tmp_path / "black"
+    black.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(black / "0.png")  # ranges from a blank image clip real digits
+    before = _tree(bundle_dir)
+    result = _run("calibrate", bundle_dir, "--images", black, "--samples", "1", "--method", "minmax", "--eval",
+                  evaluation, "--latency-runs", "1", "--no-progress")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "more than --max-drop 1" in result.stderr and "FP32 stays the default" in result.stderr
+    assert "INT8 %" in result.stdout, "the report is printed before the error"
+    after = _tree(bundle_dir)
+    assert set(after) - set(before) == {CALIBRATION_REJECTED_NAME, LOCK_NAME}
+    assert not (bundle_dir / INT8_BACKBONE_NAME).exists()
+    assert not json.loads(after[CALIBRATION_REJECTED_NAME])["passed"]
+    assert Bundle.open(bundle_dir).int8_backbone_path() is None
+    _assert_one_line_error(_run("learn-task", new_task, "--bundle", bundle_dir, "--precision", "int8", "--no-progress"),
+                           "--max-drop", "pah-edge calibrate")
+
+
+def _corrupt_only(root):
+    (root / "x").mkdir(parents=True)
+    (root / "x" / "0.png").write_bytes(b"not a png" * 10)
+    (root / "x" / "1.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("case, fixes", [
+    ("empty", ["no images", "put calibration images there"]),
+    ("corrupt", ["none of the 2 calibration image(s) could be read", "x/0.png"]),
+    ("too few", ["has 80 images, fewer than --samples 500", "--samples 80"]),
+    ("unknown eval task", ["tasks the bundle lacks (zzz)"]),
+])
+def test_bad_calibration_input_is_one_line_and_leaves_the_bundle_unchanged(made, bundle_dir, tmp_path, case, fixes):
+    images, extra = made[1], []
+    if case == "empty":
+        images = tmp_path / "empty"
+        images.mkdir()
+    elif case == "corrupt":
+        images = _corrupt_only(tmp_path / "corrupt")
+    elif case == "unknown eval task":
+        (tmp_path / "eval" / "zzz").mkdir(parents=True)
+        extra = ["--eval", tmp_path / "eval"]
+    samples = "500" if case == "too few" else "2"
+    before = _tree(bundle_dir)
+    _assert_one_line_error(_run("calibrate", bundle_dir, "--images", images, "--samples", samples, *extra,
+                                "--no-progress"), *fixes)
+    assert _tree(bundle_dir) == before
+
+
+def test_int8_without_calibration_names_the_fix(made, bundle_dir):
+    _assert_one_line_error(_run("predict", made[3], "--bundle", bundle_dir, "--precision", "int8"),
+                           "no usable INT8 model", f"pah-edge calibrate {bundle_dir}")
+
+
+def test_calibrate_help():
+    result = _run("calibrate", "--help")
+    assert result.returncode == 0, result.stderr
+    # Rich shortens --exclude-first-last to fit 80 columns.
+    for option in ("--images", "--samples", "--method", "--per-channel", "--exclude-first", "--exclude ", "--eval",
+                   "--max-drop", "--new-task"):
+        assert option in result.stdout, option
+    for command in ("learn-task", "predict"):
+        assert "--precision" in _run(command, "--help").stdout, command
