@@ -94,8 +94,9 @@ def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, o
                 for t in phase:
                     init = _initial_params(model, tasks[t].train, normalize, cfg, t)
                     model.add_task(init.to(dist.device))
-                _train_phase(model, prev, phase, tasks, normalize, cfg.train, dist, progress)
-                if phase[0] == 0:
+                fit_batchnorm = phase[0] == 0 and not _keeps_batchnorm(cfg)
+                _train_phase(model, prev, phase, tasks, normalize, cfg.train, dist, progress, fit_batchnorm)
+                if fit_batchnorm:
                     _recalibrate_batchnorm(model, [tasks[t].train for t in phase], normalize)
                 model.eval()
                 state.val_acc.extend(evaluate(model, t, tasks[t].val, normalize) for t in phase)
@@ -136,9 +137,19 @@ class _Normalizer:
         return (x - self.mean) / self.std
 
 
+def _keeps_batchnorm(cfg: RunConfig) -> bool:
+    """A frozen backbone that starts from trained weights keeps their BatchNorm statistics.
+
+    Re-estimating them on a first task of two grayscale classes made folded EfficientNet-Lite0
+    weights so large that INT8 calibration collapsed (feature cosine 0.34 against 0.98 as shipped).
+    """
+    return cfg.train.backbone_lr == 0 and bool(cfg.model.pretrained or cfg.model.weights)
+
+
 def _train_phase(model: PAHModel, prev: PAHModel | None, phase: list[int], tasks: list[Task], normalize,
-                 cfg: TrainConfig, dist: DistContext, progress: Progress | None) -> None:
-    """Train the tasks of one phase (one task, or all of them for joint training)."""
+                 cfg: TrainConfig, dist: DistContext, progress: Progress | None, fit_batchnorm: bool) -> None:
+    """Train the tasks of one phase (one task, or all of them for joint training); ``fit_batchnorm``:
+    BatchNorm statistics follow the batches."""
     old = list(range(phase[0]))
     distill_logits = cfg.stability > 0 and bool(old)
     distill_protos = cfg.proto_distill_weight > 0 and bool(old) and isinstance(model.generator, PrototypeGenerator)
@@ -154,7 +165,7 @@ def _train_phase(model: PAHModel, prev: PAHModel | None, phase: list[int], tasks
     steps = max(len(loader) for loader, _ in loaders)
     wrapped = dist.wrap(model)
     bar = progress.add_task(_phase_name(phase, tasks), total=cfg.epochs * steps) if progress else None
-    _train_mode(model, batchnorm_stats=phase[0] == 0)
+    _train_mode(model, batchnorm_stats=fit_batchnorm)
     for epoch in range(cfg.epochs):
         for _, sampler in loaders:
             sampler.set_epoch(epoch)
@@ -172,7 +183,7 @@ def _train_phase(model: PAHModel, prev: PAHModel | None, phase: list[int], tasks
             loss.backward()
             optimizer.step()
             if distill_protos or cfg.proto_hard_weight > 0:
-                _prototype_step(model, prev_proto_logits, phase, cfg, proto_optimizer)
+                _prototype_step(model, prev_proto_logits, phase, cfg, proto_optimizer, fit_batchnorm)
             if bar is not None:
                 progress.update(bar, advance=1, description=f"{_phase_name(phase, tasks)} epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}")
     if bar is not None:
@@ -180,7 +191,7 @@ def _train_phase(model: PAHModel, prev: PAHModel | None, phase: list[int], tasks
 
 
 def _prototype_step(model: PAHModel, prev_proto_logits: list[torch.Tensor], phase: list[int], cfg: TrainConfig,
-                    optimizer: torch.optim.Optimizer) -> None:
+                    optimizer: torch.optim.Optimizer, fit_batchnorm: bool) -> None:
     """The paper's second step: keep old prototypes' outputs stable, optionally classify own prototypes.
 
     Runs the backbone in eval mode (tiny upsampled prototypes must not shift BatchNorm statistics) and
@@ -199,11 +210,11 @@ def _prototype_step(model: PAHModel, prev_proto_logits: list[torch.Tensor], phas
     for param, grad in zip(params, grads):
         param.grad = grad
     optimizer.step()
-    _train_mode(model, batchnorm_stats=phase[0] == 0)
+    _train_mode(model, batchnorm_stats=fit_batchnorm)
 
 
 def _train_mode(model: PAHModel, *, batchnorm_stats: bool) -> None:
-    """Train mode; BatchNorm statistics update on the first task only.
+    """Train mode; BatchNorm statistics update only when ``batchnorm_stats`` (the first task).
 
     Later tasks keep them frozen: re-estimating them on new data alone would shift every old task's
     features (forgetting that no distillation loss sees), and the device runs them folded anyway.

@@ -97,3 +97,25 @@ def test_torchrun_two_cpu_processes_write_metrics(tmp_path, mnist_digits):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(row) for row in metrics["acc_matrix"]] == [1, 2, 3]
     assert metrics["average_accuracy"] > 0.6  # pairs of digits: chance is 0.5
+
+
+def test_a_frozen_backbone_from_given_weights_keeps_its_batchnorm_statistics(two_tasks, tmp_path):
+    """backbone_lr 0 with --weights: neither training nor the first-task recalibration moves BatchNorm."""
+    import torch
+
+    from pah_edge.backbones import create_backbone
+    from pah_edge.checkpoint import load_checkpoint
+
+    backbone = create_backbone("tiny_cnn", image_size=28)
+    generator = torch.Generator().manual_seed(0)
+    for name, buffer in backbone.state_dict().items():
+        if name.endswith(("running_mean", "running_var")):
+            buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
+    torch.save(backbone.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(two_tasks), *TINY, "--epochs", "1", "--weights", str(tmp_path / "w.pt"),
+                                      "--backbone-lr", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    trained = load_checkpoint(out / "checkpoint.pt")["model"]
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(trained[f"backbone.{name}"], value), name
