@@ -1,8 +1,10 @@
 """Fitting a new task's prototypes: Adam on cross-entropy plus a pull towards the starting prototypes.
 
-    minimise over Z:  CE( B(x) @ H(Z)^T , y )  +  weight / C * |Z - Z0|^2 / mean_c |Z0_c|^2
+    minimise over U:  CE( B(x) @ H(Z(U))^T , y )  +  weight / C * |U - U0|^2 / mean_c |U0_c|^2
 
-With a linear generator the objective is convex, so it is run to convergence instead of being
+U are the fit's coordinates: the prototypes Z themselves, or for a linear generator coordinates in
+which heads are orthonormal combinations (so the pull is measured on the heads). With a linear
+generator the objective is convex, so it is run to convergence instead of being
 early-stopped on a handful of validation images; the pull towards the class-mean start ``Z0`` is
 the regulariser that keeps few-shot heads close to class means and lets many-shot heads move
 (measured on novel digits: early stopping on a 20 % validation split cost 2 points, weight 0.01
@@ -70,7 +72,7 @@ class FitResult:
     prototypes: np.ndarray  # the best by the objective
     steps: int
     converged: bool  # stopped before max_steps because the objective stopped falling
-    initial_loss: float  # cross-entropy at the start
+    initial_loss: float  # cross-entropy where the first step is taken (the warm start, if given)
     final_loss: float  # cross-entropy of the returned prototypes
     seconds: float
 
