@@ -135,15 +135,11 @@ def _start_torch(ctx: Context, threads: int | None) -> str | None:
     from pah_edge.export.verify import torch_runners  # lazy: verify's torch parts import torch
 
     try:
-        runners, why_not = torch_runners(ctx.bundle)
+        runners, why_not = torch_runners(ctx.bundle, threads)
     except (ImportError, OSError) as exc:  # installed but broken, e.g. CUDA libraries that do not match
         return f"torch is installed but cannot be imported ({exc})"
     if runners is None:
         return why_not
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     ctx.torch = runners
     return None
 

@@ -106,11 +106,12 @@ def _run_torch(bundle: Bundle, feeds: dict) -> tuple[dict | None, str]:
     return results, "ok"
 
 
-def torch_runners(bundle: Bundle) -> tuple[dict | None, str | None]:
+def torch_runners(bundle: Bundle, threads: int | None = None) -> tuple[dict | None, str | None]:
     """({graph: inactive PyTorch runner} of the bundle's source checkpoint, None), or (None, why not).
 
     The checkpoint counts only while it is where the export found it and unchanged since; torch is
-    imported only when it is installed and the checkpoint is there.
+    imported only when it is installed and the checkpoint is there. ``threads``: torch's intra-op
+    threads (None leaves its default).
     """
     if importlib.util.find_spec("torch") is None:
         return None, "torch is not installed"
@@ -120,9 +121,14 @@ def torch_runners(bundle: Bundle) -> tuple[dict | None, str | None]:
         return None, f"source checkpoint {checkpoint} is not on this machine"
     if sha256_file(checkpoint) != source.get("sha256"):
         return None, f"{checkpoint} changed since the export"
+    import torch
+
     from pah_edge.checkpoint import load_checkpoint, model_from_checkpoint
     from pah_edge.device.runtimes import create_runner
     from pah_edge.export.graphs import LearnerStepGraph
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
     modules = {"backbone": model.backbone, "generator": model.generator,
