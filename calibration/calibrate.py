@@ -27,8 +27,9 @@ from pah_edge.calibration.evaluate import (compare_tasks, eval_task_folders, lat
 from pah_edge.calibration.quantize import QuantizeOptions, int8_onnx_from_fp32
 from pah_edge.config import library_versions
 from pah_edge.device.images import BatchStream, scan_class_folders
-from pah_edge.device.learner import LOCK_WAIT_S, learn_task, progress_bar
+from pah_edge.device.learner import LOCK_WAIT_S, learn_task
 from pah_edge.errors import ConfigError, PahEdgeError
+from pah_edge.progress import progress_bar
 
 log = logging.getLogger("pah_edge")
 

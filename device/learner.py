@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from pah_edge.device.prototype_init import LinearHeads, class_mean_head, initial
 from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.errors import ConfigError
 from pah_edge.machine import peak_rss_mb
+from pah_edge.progress import progress_bar
 
 log = logging.getLogger("pah_edge")
 
@@ -91,7 +92,7 @@ def extract_features(runner: Runner, folders: ClassFolders, bundle: Bundle, batc
     items = folders.labelled()
     channels, size = bundle.prototype_shape[0], bundle.prototype_shape[1]
     features = np.empty((len(items), bundle.feature_dim), np.float32)
-    keep_thumbs = bundle.generator_kind not in LINEAR_GENERATORS
+    keep_thumbs = not _starts_from_features(bundle)
     thumbs = np.empty((len(items), channels, size, size), np.float32) if keep_thumbs else None
     read = np.zeros(len(items), bool)
     stream = BatchStream(items, bundle.preprocess, batch_size)
@@ -117,9 +118,8 @@ def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> flo
 
 def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, budget_mb: float = 300,
                runtime: str = "auto", precision: str = "fp32", replace: bool = False, val_fraction: float = 0.2,
-               max_steps: int = 200,
-               lr: float = 0.5, weight: float = 0.01, patience: int = 25, seed: int = 0, progress: bool = True,
-               lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
+               max_steps: int = 200, lr: float = 0.5, weight: float = 0.01, patience: int = 25, seed: int = 0,
+               progress: bool = True, lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
     """Learn the task in ``folder`` (``<class>/<images>``) into ``bundle``; returns the report.
 
     Everything that can be checked is checked before any image is decoded. The bundle's lock is
@@ -208,7 +208,7 @@ def _starting_point(bundle: Bundle, generator: Runner, extracted: Features, clas
     """(``start(indices)`` -> float32 [C, c, s, s] that a fit on those images starts from, the fit's
     coordinates: see ``fit_prototypes``)."""
     shape = bundle.prototype_shape
-    if bundle.generator_kind not in LINEAR_GENERATORS:
+    if not _starts_from_features(bundle):
         return lambda indices: initial_prototypes(extracted.thumbs[indices], extracted.labels[indices], classes), None
     # A linear generator's head of the k-th unit prototype is its k-th basis head.
     units = np.eye(int(np.prod(shape)), dtype=np.float32).reshape(-1, *shape)
@@ -218,6 +218,11 @@ def _starting_point(bundle: Bundle, generator: Runner, extracted: Features, clas
         return linear.prototypes_for(class_mean_head(extracted.features[indices], extracted.labels[indices], classes))
 
     return start, linear
+
+
+def _starts_from_features(bundle: Bundle) -> bool:
+    """Linear generators start from the class-mean classifier; the others from class-mean thumbnails."""
+    return bundle.generator_kind in LINEAR_GENERATORS
 
 
 def summary_line(report: dict) -> str:
@@ -246,19 +251,3 @@ def _check_options(*, val_fraction: float, max_steps: int, lr: float, weight: fl
         raise ConfigError(f"lr must be positive, got {lr!r}")
     if not weight >= 0:
         raise ConfigError(f"weight must be 0 or more, got {weight!r}")
-
-
-@contextmanager
-def progress_bar(enabled: bool, label: str, total: int):
-    """``with progress_bar(on, label, total) as advance: advance(n)``; a Rich bar on stderr when on."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # stderr: stdout carries the result (one JSON object with --json).
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)

@@ -94,15 +94,18 @@ def fit_prototypes(objective: PrototypeObjective, init: np.ndarray, features: np
     init = np.ascontiguousarray(init, np.float32)
     classes, shape = len(init), init.shape
     flat = init.reshape(classes, -1).astype(np.float64)
-    if coordinates is None:
-        transform = inverse = np.eye(flat.shape[1])
-    else:
-        transform, inverse = coordinates.to_prototypes, coordinates.from_prototypes
-    u0 = flat @ inverse
+
+    def coordinates_of(prototypes_flat):
+        return prototypes_flat if coordinates is None else prototypes_flat @ coordinates.from_prototypes
 
     def prototypes_of(u):
-        return (u @ transform).reshape(shape).astype(np.float32)
+        flat_u = u if coordinates is None else u @ coordinates.to_prototypes
+        return flat_u.reshape(shape).astype(np.float32)
 
+    def coordinate_gradient(grad_flat):
+        return grad_flat if coordinates is None else grad_flat @ coordinates.to_prototypes.T
+
+    u0 = coordinates_of(flat)
     scale = float(np.sqrt(np.mean(u0 ** 2))) or 1.0
     pull = 2 * weight / (classes * max(float(np.mean(np.sum(u0 ** 2, axis=1))), 1e-12))
     rng = np.random.default_rng(seed)
@@ -110,7 +113,7 @@ def fit_prototypes(objective: PrototypeObjective, init: np.ndarray, features: np
     monitored = np.sort(rng.choice(len(labels), FULL_BATCH_MAX, replace=False)) if large else slice(None)
     adam = Adam(lr * scale)
     params = init if warm is None else np.ascontiguousarray(warm, np.float32)
-    u = params.reshape(classes, -1).astype(np.float64) @ inverse
+    u = coordinates_of(params.reshape(classes, -1).astype(np.float64))
     best = params
     best_total = best_ce = initial = float("inf")
     since_progress, converged = 0, False
@@ -134,7 +137,7 @@ def fit_prototypes(objective: PrototypeObjective, init: np.ndarray, features: np
                 break
         if step == max_steps:
             break
-        grad_u = grad.reshape(classes, -1).astype(np.float64) @ transform.T + pull * (u - u0)
+        grad_u = coordinate_gradient(grad.reshape(classes, -1).astype(np.float64)) + pull * (u - u0)
         u = adam.step(u, grad_u).astype(np.float64)
         params = prototypes_of(u)
         advance(1)

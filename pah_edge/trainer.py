@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
@@ -37,6 +37,7 @@ from pah_edge.metrics import summarize
 from pah_edge.model import PAHModel, build_model
 from pah_edge.plots import plot_accuracy_matrix, plot_prototypes
 from pah_edge.preprocess import Preprocess
+from pah_edge.progress import bar_progress
 
 log = logging.getLogger("pah_edge")
 
@@ -377,8 +378,7 @@ def _log_phase(phase: list[int], tasks: list[Task], state: RunState, seconds: fl
 def _progress(enabled: bool):
     if not enabled:
         return _NoProgress()
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    transient=True)
+    return bar_progress()
 
 
 class _NoProgress:
