@@ -11,11 +11,12 @@ runs ``pah_edge.calibration.calibrate_bundle`` on a private copy of the bundle w
 - a new task: ``--new-digits`` MNIST-5k digits (``--new-shots`` per class), learned as `learn-task`
   does with FP32 and with INT8 features (its own 20 % validation split).
 
-The default options (entropy, per-channel, 7-bit weights) run on every bundle; ``--sweep NAME``
-also tries every method x per-channel/per-tensor, full-range weights and FP32 first/last layers
-on that backbone.
+The default options (entropy, per-channel, 7-bit weights) run on every bundle for each of
+``--targets`` (the ONNX Runtime and the TensorRT INT8 form); ``--sweep NAME`` also tries every
+method x per-channel/per-tensor, full-range weights and FP32 first/last layers on that backbone,
+for the first target.
 ``--profile`` adds ONNX Runtime's per-operator times (SessionOptions.enable_profiling) of FP32 and
-INT8 at batch 1, which show where an INT8 speed-up is lost.
+each target's INT8 model at batch 1, which show where an INT8 speed-up is won or lost.
 
     python benchmarks/calibration.py --train-base efficientnet_lite0:1 --train-base mobilenet_v3_large:2 \\
         --sweep efficientnet_lite0 --profile --work-dir /tmp/calib-work/bench --out benchmarks/results/calibration.json
@@ -42,7 +43,7 @@ from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
 from pah_edge.calibration.calibrate import calibrate_bundle
 from pah_edge.calibration.evaluate import cosine, latency_ms
-from pah_edge.calibration.quantize import METHODS, QuantizeOptions
+from pah_edge.calibration.quantize import METHODS, TARGETS, QuantizeOptions
 from pah_edge.config import library_versions
 from pah_edge.data.benchmarks import load_benchmark
 from pah_edge.machine import machine_info
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--eval-per-class", type=int, default=200, help="Held-out test images per class.")
     parser.add_argument("--new-digits", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--new-shots", type=int, default=40)
+    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
+                        help="INT8 forms to calibrate with the default options.")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME",
                         help="Also try every method x per-channel/per-tensor, full-range weights and FP32 "
                              "first/last layers on this backbone.")
@@ -106,7 +109,8 @@ def run(args, work: Path) -> dict:
     rows, profiles = [], {}
     for label, path in bundles:
         evaluation = _eval_images(Bundle.open(path), data / f"eval-{label}", args.eval_per_class)
-        configs = [QuantizeOptions()] + (_sweep() if label in args.sweep else [])
+        defaults = [QuantizeOptions(target=t) for t in args.targets]
+        configs = defaults + (_sweep(defaults[0]) if label in args.sweep else [])
         for i, options in enumerate(configs):
             copy = work / "runs" / f"{label}-{i}"
             shutil.rmtree(copy, ignore_errors=True)
@@ -114,16 +118,18 @@ def run(args, work: Path) -> dict:
             started = time.perf_counter()
             # Installed whatever it loses (the profile needs the model); the target is judged below.
             record = calibrate_bundle(copy, calib, options=options, samples=args.samples, eval_dir=evaluation,
-                                      new_task=new_task if i == 0 else None, max_drop=100.0,
+                                      new_task=new_task if options in defaults else None, max_drop=100.0,
                                       latency_runs=args.latency_runs, threads=args.threads, progress=False)
             meets = {"accuracy": record["worst_drop_points"] <= TARGET_DROP,
                      "speed": min(record["speedup"].values()) >= TARGET_SPEEDUP}
-            rows.append({"bundle": label, "default": i == 0, "seconds": time.perf_counter() - started,
+            rows.append({"bundle": label, "default": options in defaults, "seconds": time.perf_counter() - started,
                          "meets_targets": meets, **{k: v for k, v in record.items() if k != "versions"}})
             print(f"{label} {_config(record['options'])}: worst drop {record['worst_drop_points']:+.2f} points, "
                   f"speed-up {record['speedup']['1']:.2f}x / {record['speedup']['32']:.2f}x", file=sys.stderr)
-            if i == 0 and args.profile:
-                profiles[label] = speed_breakdown(Bundle.open(copy), calib, work / "runs" / f"{label}-u8", args)
+            if options in defaults and args.profile:
+                profile = profiles.setdefault(label, {"fp32": operator_times(Bundle.open(copy).graph_path("backbone"),
+                                                                             args)})
+                profile[f"int8 for {options.target}"] = operator_times(copy / "backbone.int8.onnx", args)
     imagenet = imagenet_check(work / "imagenet", args) if args.imagenet_check else None
     return {
         "command": "python " + " ".join(sys.argv),
@@ -139,17 +145,17 @@ def run(args, work: Path) -> dict:
     }
 
 
-def _sweep() -> list[QuantizeOptions]:
-    """Every method per-channel and per-tensor (the default, first, is skipped), then the default with
-    full-range weights and with the first and last layers in FP32."""
-    default = QuantizeOptions()
-    options = [QuantizeOptions(method=m, per_channel=pc) for m in METHODS for pc in (True, False)]
-    return [o for o in options if o != default] + [QuantizeOptions(reduce_range=False),
-                                                   QuantizeOptions(exclude_first_last=True)]
+def _sweep(default: QuantizeOptions) -> list[QuantizeOptions]:
+    """Every method per-channel and per-tensor (the default itself is skipped), then the default with
+    full-range weights and with the first and last layers in FP32; all for the default's target."""
+    target = default.target
+    options = [QuantizeOptions(target=target, method=m, per_channel=pc) for m in METHODS for pc in (True, False)]
+    return [o for o in options if o != default] + [QuantizeOptions(target=target, reduce_range=False),
+                                                   QuantizeOptions(target=target, exclude_first_last=True)]
 
 
 def _config(options: dict) -> str:
-    parts = [options["method"], "per-channel" if options["per_channel"] else "per-tensor",
+    parts = [f"for {options['target']}", options["method"], "per-channel" if options["per_channel"] else "per-tensor",
              "7-bit weights" if options["reduce_range"] else "8-bit weights"]
     return ", ".join(parts + (["first/last FP32"] if options["exclude_first_last"] else []))
 
@@ -198,33 +204,14 @@ def _write_pngs(folder: Path, images: np.ndarray) -> None:
 # --------------------------------------------------------------------------- where the speed goes
 
 
-def speed_breakdown(bundle: Bundle, calib: Path, work: Path, args) -> dict:
-    """Per-operator ms of FP32, the installed INT8 model, and ONNX Runtime's own preferred CPU form.
+def operator_times(model: Path, args) -> dict:
+    """ONNX Runtime's ms per operator type at batch 1, and the model's latency at batch 1 and 32."""
+    import onnxruntime as ort
 
-    The CPU form (unsigned asymmetric activations, ``QUInt8``) is what ONNX Runtime recommends for
-    x86; TensorRT cannot take it, so `pah-edge calibrate` does not write it. It is timed here only
-    to separate the cost of TensorRT's symmetric signed format from INT8 on this CPU as such.
-    """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    from pah_edge.calibration.quantize import prepare_for_quantization
-    from pah_edge.calibration.reader import ImageFolderReader, calibration_files
-
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    prepared = prepare_for_quantization(bundle.graph_path("backbone"), work / "prepared.onnx")
-    samples = min(args.samples, 64)  # ranges barely change the time
-    reader = ImageFolderReader(calibration_files(calib, samples), bundle.preprocess, samples=samples)
-    cpu_form = work / "backbone.u8s8.onnx"
-    quantize_static(str(prepared), str(cpu_form), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    size = bundle.preprocess.image_size
-    models = {"fp32": bundle.graph_path("backbone"), "int8": bundle.path / "backbone.int8.onnx",
-              "int8 u8s8 (ORT CPU form)": cpu_form}
-    return {name: {"ops_ms_batch1": op_profile(model, size, args.threads),
-                   "latency_ms": {str(b): latency_ms(model, size, b, runs=args.latency_runs, threads=args.threads)
-                                  for b in (1, 32)}}
-            for name, model in models.items()}
+    size = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()[0].shape[-1]
+    return {"ops_ms_batch1": op_profile(model, size, args.threads),
+            "latency_ms": {str(b): latency_ms(model, size, b, runs=args.latency_runs, threads=args.threads)
+                           for b in (1, 32)}}
 
 
 def imagenet_check(work: Path, args) -> dict:

@@ -3,9 +3,17 @@
 Explicit quantization (QuantizeLinear/DequantizeLinear pairs carrying the scales) is the INT8 path
 TensorRT keeps (its implicit calibrators are deprecated since 10.1, gone in 11), and the same file
 runs on ONNX Runtime's CPU kernels. onnx and onnxruntime.quantization are imported where used, so
-the CLI can read the options below on a device without onnx. Weights and activations are symmetric signed INT8, the form
-TensorRT requires; weights per output channel by default, since depthwise MobileNet layers lose
-accuracy with one scale per tensor.
+the CLI can read the options below on a device without onnx.
+
+Two targets, because the two runtimes take different INT8 forms:
+- ``tensorrt``: symmetric signed INT8 activations and weights, the only form TensorRT builds. ONNX
+  Runtime runs it too, but on x86 as DequantizeLinear -> FP32 kernel -> QuantizeLinear, slower
+  than FP32.
+- ``onnxruntime``: asymmetric unsigned activations (UINT8, zero point free) with signed weights,
+  which ONNX Runtime fuses into integer kernels (QLinearConv and the like) on x86 and ARM. The
+  zero point also spends all 256 levels on a ReLU6 output's 0..6 instead of half of them.
+Weights are per output channel by default, since depthwise MobileNet layers lose accuracy with one
+scale per tensor.
 """
 
 from __future__ import annotations
@@ -14,13 +22,21 @@ import contextlib
 import io
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pah_edge.errors import ConfigError
 
 METHODS = ("entropy", "percentile", "minmax")
 DEFAULT_METHOD = "entropy"
+TARGETS = ("tensorrt", "onnxruntime")
+
+
+def default_target() -> str:
+    """``tensorrt`` where TensorRT is installed (a Jetson), else ``onnxruntime``."""
+    import importlib.util
+
+    return "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "onnxruntime"
 # Layers whose inputs carry the model's full dynamic range (raw pixels in, features out).
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -29,6 +45,7 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 class QuantizeOptions:
     """How ``int8_onnx_from_fp32`` quantizes; recorded in the bundle's calibration.json."""
 
+    target: str = field(default_factory=default_target)  # whose INT8 form to write (module docstring)
     method: str = DEFAULT_METHOD  # activation ranges: percentile, entropy (KL) or minmax
     per_channel: bool = True  # one weight scale per output channel (False: per tensor)
     exclude_first_last: bool = False  # keep the first and the last Conv/Gemm/MatMul in FP32
@@ -40,16 +57,23 @@ class QuantizeOptions:
     percentile: float = 99.999  # of |activation| kept in range by the percentile method
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown --target {self.target!r}; choose one of: {', '.join(TARGETS)}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
 
+    @property
+    def symmetric_activations(self) -> bool:
+        return self.target == "tensorrt"
+
     def to_dict(self) -> dict:
-        return {"method": self.method, "per_channel": self.per_channel, "exclude_first_last": self.exclude_first_last,
+        return {"target": self.target, "method": self.method, "per_channel": self.per_channel, "exclude_first_last": self.exclude_first_last,
                 "exclude": list(self.exclude), "reduce_range": self.reduce_range,
                 "percentile": self.percentile if self.method == "percentile" else None,
-                "weights": "int8 symmetric", "activations": "int8 symmetric", "format": "QDQ"}
+                "weights": "int8 symmetric",
+                "activations": "int8 symmetric" if self.symmetric_activations else "uint8 asymmetric", "format": "QDQ"}
 
 
 @contextlib.contextmanager
@@ -124,7 +148,7 @@ def narrow_clipped_ranges(model_path: Path, ranges) -> list[str]:
     return changed
 
 
-def calibrate_ranges(model_path: Path, reader, method: str, work_dir: Path, *, percentile: float):
+def calibrate_ranges(model_path: Path, reader, method: str, work_dir: Path, *, percentile: float, symmetric: bool):
     """Activation ranges (ONNX Runtime ``TensorsData``) of every float tensor over ``reader``'s images.
 
     ``collect_data`` runs once per batch of the reader: histograms (entropy, percentile) and min/max
@@ -135,8 +159,8 @@ def calibrate_ranges(model_path: Path, reader, method: str, work_dir: Path, *, p
 
     calibration_method = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
                           "minmax": CalibrationMethod.MinMax}[method]
-    # Symmetric ranges: a signed INT8 tensor has its zero point at 0.
-    options = {"symmetric": True, **({"percentile": percentile} if method == "percentile" else {})}
+    # Symmetric ranges where a signed INT8 tensor has its zero point at 0.
+    options = {"symmetric": symmetric, **({"percentile": percentile} if method == "percentile" else {})}
     calibrator = create_calibrator(model_path, augmented_model_path=str(work_dir / "augmented.onnx"),
                                    calibrate_method=calibration_method, providers=["CPUExecutionProvider"],
                                    extra_options=options)
@@ -159,14 +183,18 @@ def int8_onnx_from_fp32(fp32_path: Path, out_path: Path, reader, options: Quanti
 
     prepared = prepare_for_quantization(fp32_path, work_dir / "prepared.onnx")
     excluded = _excluded_nodes(prepared, options)
-    ranges = calibrate_ranges(prepared, reader, options.method, work_dir, percentile=options.percentile)
-    narrow_clipped_ranges(prepared, ranges)
+    symmetric = options.symmetric_activations
+    ranges = calibrate_ranges(prepared, reader, options.method, work_dir, percentile=options.percentile,
+                              symmetric=symmetric)
+    if symmetric:  # asymmetric activations fold Relu/Clip into the quantization themselves
+        narrow_clipped_ranges(prepared, ranges)
     cache = work_dir / "ranges.json"  # quantize_static takes precomputed ranges only from a file
     save_tensors_data(ranges, cache)
     with _root_log_level(logging.WARNING):  # ONNX Runtime logs a line per rescaled channel on the root logger
         quantize_static(str(prepared), str(out_path), calibration_data_reader=None, calibration_cache_path=cache,
-                        quant_format=QuantFormat.QDQ, per_channel=options.per_channel, activation_type=QuantType.QInt8,
+                        quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+                        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, reduce_range=options.reduce_range, nodes_to_exclude=excluded,
                         calibrate_method=ranges.calibration_method,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
     return {"prepared": prepared, "excluded": excluded, "samples": reader.delivered}

@@ -49,7 +49,13 @@ def backbone_onnx(bundle_dir: Path, precision: str) -> Path:
                 f"no INT8 model in {bundle_dir}: run `pah-edge calibrate {bundle_dir} --images DIR` first"
             )
         if (bundle_dir / MANIFEST_NAME).is_file():
-            Bundle.open(bundle_dir, verify=False).int8_backbone_path()  # BundleError unless its record vouches for it
+            # BundleError unless its record vouches for the file.
+            target = Bundle.open(bundle_dir, verify=False).int8_target()
+            if target not in (None, "tensorrt"):
+                raise TensorRTBuildError(
+                    f"{path.name} in {bundle_dir} was calibrated for {target} (unsigned activations, which TensorRT "
+                    f"cannot build): run `pah-edge calibrate {bundle_dir} --images DIR --target tensorrt`"
+                )
         return path
     path = bundle_dir / "backbone.onnx"
     if not path.is_file():

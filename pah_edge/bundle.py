@@ -196,6 +196,16 @@ class Bundle:
                               f"corrupt); {fix}")
         return model
 
+    def int8_target(self) -> str | None:
+        """The runtime the installed INT8 model was calibrated for (``tensorrt`` or ``onnxruntime``), or None.
+
+        Records from before the choice existed hold the TensorRT form (symmetric signed INT8).
+        """
+        if self.int8_backbone_path() is None:
+            return None
+        record = _read_json(self.path / CALIBRATION_NAME, fix=f"run `pah-edge calibrate {self.path} --images DIR` again")
+        return record.get("options", {}).get("target", "tensorrt")
+
     @contextlib.contextmanager
     def lock(self, wait_s: float | None = None):
         """Hold the bundle's exclusive lock (flock on ``<bundle>/.lock``) while changing its tasks.

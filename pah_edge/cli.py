@@ -329,7 +329,7 @@ def export(
 
 
 from pah_edge.calibration.calibrate import DEFAULT_MAX_DROP, DEFAULT_SAMPLES  # noqa: E402 (light: no onnx)
-from pah_edge.calibration.quantize import DEFAULT_METHOD, METHODS  # noqa: E402
+from pah_edge.calibration.quantize import DEFAULT_METHOD, METHODS, TARGETS  # noqa: E402
 
 
 @app.command()
@@ -338,6 +338,8 @@ def calibrate(
     bundle: Path = typer.Argument(..., help="Bundle directory written by `pah-edge export`."),
     images: Path = typer.Option(..., help="Calibration images: DIR/<class>/* (classes sampled evenly) or DIR/*."),
     samples: int = typer.Option(DEFAULT_SAMPLES, help="Calibration images to use; fewer readable ones is an error."),
+    target: str = typer.Option("auto", help=f"INT8 form for {' or '.join(TARGETS)} (TensorRT needs signed activations; "
+                               "ONNX Runtime CPU is fast only with unsigned ones); auto: tensorrt where it is installed."),
     method: str = typer.Option(DEFAULT_METHOD, help=f"Activation ranges: {', '.join(METHODS)}."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="One weight scale per output channel or per tensor."),
     exclude_first_last: bool = typer.Option(False, "--exclude-first-last", help="Keep the first and the last Conv/Gemm in FP32."),
@@ -355,10 +357,11 @@ def calibrate(
     import json
 
     from pah_edge.calibration.calibrate import calibrate_bundle
-    from pah_edge.calibration.quantize import QuantizeOptions
+    from pah_edge.calibration.quantize import QuantizeOptions, default_target
 
-    options = QuantizeOptions(method=method, per_channel=per_channel, exclude_first_last=exclude_first_last,
-                              exclude=tuple(exclude), reduce_range=reduce_range)
+    options = QuantizeOptions(target=default_target() if target == "auto" else target, method=method,
+                              per_channel=per_channel, exclude_first_last=exclude_first_last, exclude=tuple(exclude),
+                              reduce_range=reduce_range)
     report = calibrate_bundle(bundle, images, options=options, samples=samples, eval_dir=eval_dir, new_task=new_task,
                               max_drop=max_drop, latency_runs=latency_runs, threads=threads, progress=progress)
     if as_json:
@@ -380,7 +383,8 @@ def _print_calibration_report(r: dict, bundle: Path) -> None:
         return "-" if fraction is None else f"{100 * fraction:.1f}"
 
     options = r["options"]
-    table = Table(title=f"INT8 vs FP32: {options['method']}, {'per-channel' if options['per_channel'] else 'per-tensor'}"
+    channels = "per-channel" if options["per_channel"] else "per-tensor"
+    table = Table(title=f"INT8 (for {options['target']}) vs FP32: {options['method']}, {channels}"
                         f", {options['samples']} calibration images")
     for column in ("task", "images", "FP32 %", "INT8 %", "drop", "agree %", "cosine"):
         table.add_column(column, justify="left" if column == "task" else "right")

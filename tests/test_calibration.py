@@ -20,7 +20,7 @@ from tiny_bundle import make_tiny_bundle
 
 from pah_edge.bundle import (CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_BACKBONE_NAME, LOCK_NAME, Bundle,
                              BundleError)
-from pah_edge.calibration.quantize import QuantizeOptions, int8_onnx_from_fp32
+from pah_edge.calibration.quantize import TARGETS, QuantizeOptions, default_target, int8_onnx_from_fp32
 from pah_edge.calibration.reader import ImageFolderReader, calibration_files
 from pah_edge.device.images import BatchStream
 from pah_edge.errors import ConfigError
@@ -58,16 +58,26 @@ def _features(model_path, inputs):
 # --- the Q/DQ graph -----------------------------------------------------------------------------------
 
 
-def test_qdq_graph_runs_in_onnxruntime_close_to_fp32(made, tmp_path):
+@pytest.mark.parametrize("target", TARGETS)
+def test_qdq_graph_runs_in_onnxruntime_close_to_fp32(made, tmp_path, target):
     bundle_dir, calib, _, _ = made
     bundle = Bundle.open(bundle_dir)
     files = calibration_files(calib, 40)
     reader = ImageFolderReader(files, bundle.preprocess, samples=37, batch_size=8)  # a short last batch too
     out = tmp_path / "int8.onnx"
-    made_info = int8_onnx_from_fp32(bundle.graph_path("backbone"), out, reader, QuantizeOptions(), tmp_path)
+    made_info = int8_onnx_from_fp32(bundle.graph_path("backbone"), out, reader, QuantizeOptions(target=target),
+                                    tmp_path)
 
-    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    model = onnx.load(str(out))
+    ops = [node.op_type for node in model.graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, ops
+    # Activations: signed with zero point 0 for TensorRT, unsigned with free zero points for ONNX Runtime.
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    zero_points = [initializers[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    if target == "tensorrt":
+        assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    else:
+        assert all(z.dtype == np.uint8 for z in zero_points) and any(z.any() for z in zero_points)
     assert made_info["samples"] == 37 and made_info["excluded"] == []
     inputs = next(iter(BatchStream([(f, 0) for f in files[40:]], bundle.preprocess, 32)))[0]  # not calibrated on
     fp32, int8 = _features(bundle.graph_path("backbone"), inputs), _features(out, inputs)
@@ -128,6 +138,7 @@ def test_calibrate_installs_int8_and_reports(made, bundle_dir):
     assert 0 < len(added) <= 5 and added == sorted(added, reverse=True)
     assert set(report["latency_ms"]["int8"]) == {"1", "32"} and report["size_mb"]["int8"] > 0
     assert report["options"]["method"] == "entropy" and report["options"]["per_channel"]
+    assert report["options"]["target"] == default_target()  # --target auto
 
     opened = Bundle.open(bundle_dir)
     assert opened.int8_backbone_path() == bundle_dir / INT8_BACKBONE_NAME
@@ -149,6 +160,21 @@ def test_int8_file_is_checked_against_its_record(made, bundle_dir):
     (bundle_dir / CALIBRATION_NAME).unlink()  # what a crash between model and record leaves
     with pytest.raises(BundleError, match="has no calibration.json"):
         Bundle.open(bundle_dir).int8_backbone_path()
+
+
+def test_tensorrt_builds_only_from_its_own_int8_form(made, bundle_dir):
+    from pah_edge.calibration.calibrate import calibrate_bundle
+    from pah_edge.export.tensorrt_build import TensorRTBuildError, backbone_onnx
+
+    for target in TARGETS:
+        calibrate_bundle(bundle_dir, made[1], options=QuantizeOptions(target=target), samples=16, max_drop=100,
+                         latency_runs=1, progress=False)
+        assert Bundle.open(bundle_dir).int8_target() == target
+        if target == "tensorrt":
+            assert backbone_onnx(bundle_dir, "int8") == bundle_dir / INT8_BACKBONE_NAME
+        else:
+            with pytest.raises(TensorRTBuildError, match=r"calibrated for onnxruntime .* --target tensorrt`$"):
+                backbone_onnx(bundle_dir, "int8")
 
 
 def test_a_calibration_over_max_drop_is_not_installed(made, bundle_dir, tmp_path):
