@@ -147,17 +147,19 @@ def run(args, work: Path) -> dict:
 
 def _sweep(default: QuantizeOptions) -> list[QuantizeOptions]:
     """Every method per-channel and per-tensor (the default itself is skipped), then the default with
-    full-range weights and with the first and last layers in FP32; all for the default's target."""
+    full-range weights, with the first layer in INT8 and with the last in FP32; all for the default's target."""
     target = default.target
     options = [QuantizeOptions(target=target, method=m, per_channel=pc) for m in METHODS for pc in (True, False)]
     return [o for o in options if o != default] + [QuantizeOptions(target=target, reduce_range=False),
-                                                   QuantizeOptions(target=target, exclude_first_last=True)]
+                                                   QuantizeOptions(target=target, fp32_first=False),
+                                                   QuantizeOptions(target=target, fp32_last=True)]
 
 
 def _config(options: dict) -> str:
     parts = [f"for {options['target']}", options["method"], "per-channel" if options["per_channel"] else "per-tensor",
              "7-bit weights" if options["reduce_range"] else "8-bit weights"]
-    return ", ".join(parts + (["first/last FP32"] if options["exclude_first_last"] else []))
+    layers = [f"{name} layer {'FP32' if options.get(f'fp32_{name}') else 'INT8'}" for name in ("first", "last")]
+    return ", ".join(parts + layers)
 
 
 # --------------------------------------------------------------------------- images

@@ -342,7 +342,8 @@ def calibrate(
                                "ONNX Runtime CPU is fast only with unsigned ones); auto: tensorrt where it is installed."),
     method: str = typer.Option(DEFAULT_METHOD, help=f"Activation ranges: {', '.join(METHODS)}."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="One weight scale per output channel or per tensor."),
-    exclude_first_last: bool = typer.Option(False, "--exclude-first-last", help="Keep the first and the last Conv/Gemm in FP32."),
+    fp32_first: bool = typer.Option(True, "--fp32-first/--int8-first", help="Keep the first Conv (raw pixels in) in FP32."),
+    fp32_last: bool = typer.Option(False, "--fp32-last/--int8-last", help="Keep the last Conv/Gemm (features out) in FP32."),
     exclude: list[str] = typer.Option([], "--exclude", help="Keep this node in FP32 (repeatable; the report names the most sensitive)."),
     reduce_range: bool = typer.Option(True, "--reduce-range/--full-range", help="7-bit weights: no INT8 overflow on x86 CPUs without VNNI."),
     eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Held-out labelled images per task: EVAL/<task>/<class>/*."),
@@ -360,7 +361,7 @@ def calibrate(
     from pah_edge.calibration.quantize import QuantizeOptions, default_target
 
     options = QuantizeOptions(target=default_target() if target == "auto" else target, method=method,
-                              per_channel=per_channel, exclude_first_last=exclude_first_last, exclude=tuple(exclude),
+                              per_channel=per_channel, fp32_first=fp32_first, fp32_last=fp32_last, exclude=tuple(exclude),
                               reduce_range=reduce_range)
     report = calibrate_bundle(bundle, images, options=options, samples=samples, eval_dir=eval_dir, new_task=new_task,
                               max_drop=max_drop, latency_runs=latency_runs, threads=threads, progress=progress)
@@ -371,7 +372,7 @@ def calibrate(
     if not report["passed"]:
         err_console.print(f"[bold red]error:[/] INT8 loses {report['worst_drop_points']:.2f} points, more than --max-drop "
                           f"{max_drop:g}; not installed, FP32 stays the default (report in "
-                          f"{escape(str(bundle / 'calibration.rejected.json'))}). Try --exclude-first-last, another "
+                          f"{escape(str(bundle / 'calibration.rejected.json'))}). Try --fp32-last, --exclude NODE, another "
                           "--method or more --samples", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 

@@ -29,6 +29,7 @@ from pah_edge.errors import ConfigError
 # relative error 0.03. The bounds leave room for other CPUs' kernels.
 MIN_COSINE = 0.99
 MAX_REL_ERROR = 0.1
+FIRST_CONV = "/trunk/trunk.0/trunk.0.0/Conv"  # of the tiny bundle's backbone
 FAST = ["--samples", "40", "--latency-runs", "1", "--no-progress"]
 
 
@@ -71,14 +72,14 @@ def test_qdq_graph_runs_in_onnxruntime_close_to_fp32(made, tmp_path, target):
     model = onnx.load(str(out))
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, ops
-    # Activations: signed with zero point 0 for TensorRT, unsigned with free zero points for ONNX Runtime.
+    # Activations: signed with zero point 0 for TensorRT, unsigned (zero point where the range puts it) for ONNX Runtime.
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     zero_points = [initializers[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
     if target == "tensorrt":
         assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
     else:
-        assert all(z.dtype == np.uint8 for z in zero_points) and any(z.any() for z in zero_points)
-    assert made_info["samples"] == 37 and made_info["excluded"] == []
+        assert all(z.dtype == np.uint8 for z in zero_points)
+    assert made_info["samples"] == 37 and made_info["excluded"] == [FIRST_CONV]  # the stem stays FP32 by default
     inputs = next(iter(BatchStream([(f, 0) for f in files[40:]], bundle.preprocess, 32)))[0]  # not calibrated on
     fp32, int8 = _features(bundle.graph_path("backbone"), inputs), _features(out, inputs)
     cosine = np.sum(fp32 * int8, axis=1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
@@ -91,15 +92,24 @@ def test_excluded_nodes_stay_fp32(made, tmp_path):
     reader = ImageFolderReader(calibration_files(made[1], 16), bundle.preprocess, samples=16)
     out = tmp_path / "int8.onnx"
     info = int8_onnx_from_fp32(bundle.graph_path("backbone"), out, reader,
-                               QuantizeOptions(method="minmax", exclude_first_last=True,
+                               QuantizeOptions(method="minmax", fp32_last=True,
                                                exclude=("/trunk/trunk.1/trunk.1.0/Conv",)), tmp_path)
     convs = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"]
-    assert info["excluded"] == [c.name for c in convs] == ["/trunk/trunk.0/trunk.0.0/Conv",
-                                                             "/trunk/trunk.1/trunk.1.0/Conv",
+    assert info["excluded"] == [c.name for c in convs] == [FIRST_CONV, "/trunk/trunk.1/trunk.1.0/Conv",
                                                              "/trunk/trunk.2/trunk.2.0/Conv"]
     initializers = {i.name for i in onnx.load(str(out)).graph.initializer}
     # A quantized Conv reads its weight through a DequantizeLinear; an excluded one reads the float weight.
     assert all(conv.input[1] in initializers for conv in convs)
+
+
+def test_first_conv_can_be_quantized_too(made, tmp_path):
+    bundle = Bundle.open(made[0])
+    reader = ImageFolderReader(calibration_files(made[1], 8), bundle.preprocess, samples=8)
+    out = tmp_path / "int8.onnx"
+    info = int8_onnx_from_fp32(bundle.graph_path("backbone"), out, reader, QuantizeOptions(fp32_first=False), tmp_path)
+    assert info["excluded"] == []
+    initializers = {i.name for i in onnx.load(str(out)).graph.initializer}
+    assert not any(n.input[1] in initializers for n in onnx.load(str(out)).graph.node if n.op_type == "Conv")
 
 
 def test_unknown_excluded_node_is_named(made, tmp_path):
@@ -235,8 +245,8 @@ def test_int8_without_calibration_names_the_fix(made, bundle_dir):
 def test_calibrate_help():
     result = _run("calibrate", "--help")
     assert result.returncode == 0, result.stderr
-    # Rich shortens --exclude-first-last to fit 80 columns.
-    for option in ("--images", "--samples", "--method", "--per-channel", "--exclude-first", "--exclude ", "--eval",
+    for option in ("--images", "--samples", "--target", "--method", "--per-channel", "--fp32-first", "--fp32-last",
+                   "--exclude ", "--eval",
                    "--max-drop", "--new-task"):
         assert option in result.stdout, option
     for command in ("learn-task", "predict"):
