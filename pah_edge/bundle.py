@@ -135,6 +135,7 @@ class Bundle:
         # task-mlp generators take a fixed number of classes per task; None means any number >= 2.
         self.fixed_num_classes: int | None = manifest["generator"]["num_classes"]
         self.files: dict[str, str] = dict(manifest["files"])  # file name -> SHA-256
+        self._registry_read: tuple[tuple[int, int, int], list[TaskRecord]] | None = None  # (stat key, records)
 
     # --- opening -----------------------------------------------------------------------------------
 
@@ -246,10 +247,23 @@ class Bundle:
     # --- the task registry -------------------------------------------------------------------------
 
     def tasks(self) -> list[TaskRecord]:
-        """Registered tasks in registration order (an absent registry means none)."""
+        """Registered tasks in registration order (an absent registry means none).
+
+        Parsed again only when the registry file changed (inode, mtime or size): a camera loop that
+        predicts frame by frame pays one stat per call, not a JSON parse (~0.4 ms). Every write
+        replaces the file by rename, so a new registry always has a new inode.
+        """
         registry = self.path / REGISTRY_PATH
-        if not registry.is_file():
+        try:
+            stat = registry.stat()
+        except FileNotFoundError:
             return []
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._registry_read is None or self._registry_read[0] != key:
+            self._registry_read = (key, self._parse_registry(registry))
+        return list(self._registry_read[1])
+
+    def _parse_registry(self, registry: Path) -> list[TaskRecord]:
         data = _read_json(registry, fix="restore it or re-export the bundle")
         version = data.get("format_version") if isinstance(data, dict) else None
         if isinstance(version, int) and version > REGISTRY_FORMAT_VERSION:

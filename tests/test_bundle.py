@@ -177,3 +177,14 @@ def test_verify_without_the_source_checkpoint_still_checks_hashes_and_runs(bundl
     result = CliRunner().invoke(app, ["verify", str(bundle_dir)])
     assert result.exit_code == 0, result.output
     assert "torch: skipped (source checkpoint" in result.output and "nothing to compare" in result.output
+
+
+def test_a_bundle_object_sees_tasks_that_another_one_registered(bundle_dir):
+    reader, writer = Bundle.open(bundle_dir), Bundle.open(bundle_dir)
+    before = [r.name for r in reader.tasks()]
+    _add(writer, "fresh")
+    assert [r.name for r in reader.tasks()] == before + ["fresh"]  # the registry read is cached, never stale
+    _add(writer, "fresh", classes=3, seed=1, replace=True)
+    assert reader.task("fresh").class_names == ("c0", "c1", "c2")
+    reader.tasks().clear()  # callers get a copy of the cached list
+    assert [r.name for r in reader.tasks()] == before + ["fresh"]
