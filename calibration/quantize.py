@@ -30,6 +30,8 @@ from pah_edge.errors import ConfigError
 METHODS = ("entropy", "percentile", "minmax")
 DEFAULT_METHOD = "entropy"
 TARGETS = ("tensorrt", "onnxruntime")
+# Layers whose inputs carry the model's full dynamic range (raw pixels in, features out).
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def default_target() -> str:
@@ -37,8 +39,6 @@ def default_target() -> str:
     import importlib.util
 
     return "tensorrt" if importlib.util.find_spec("tensorrt") is not None else "onnxruntime"
-# Layers whose inputs carry the model's full dynamic range (raw pixels in, features out).
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,10 +74,10 @@ class QuantizeOptions:
 
     def to_dict(self) -> dict:
         return {"target": self.target, "method": self.method, "per_channel": self.per_channel,
-                "fp32_first": self.fp32_first, "fp32_last": self.fp32_last, "exclude": list(self.exclude), "reduce_range": self.reduce_range,
-                "percentile": self.percentile if self.method == "percentile" else None,
-                "weights": "int8 symmetric",
-                "activations": "int8 symmetric" if self.symmetric_activations else "uint8 asymmetric", "format": "QDQ"}
+                "fp32_first": self.fp32_first, "fp32_last": self.fp32_last, "exclude": list(self.exclude),
+                "reduce_range": self.reduce_range, "percentile": self.percentile if self.method == "percentile" else None,
+                "weights": "int8 symmetric", "format": "QDQ",
+                "activations": "int8 symmetric" if self.symmetric_activations else "uint8 asymmetric"}
 
 
 @contextlib.contextmanager

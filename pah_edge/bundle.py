@@ -180,6 +180,19 @@ class Bundle:
         The file is checked against the SHA-256 in calibration.json (BundleError on a mismatch, or
         for a model without its record, which an interrupted calibration leaves).
         """
+        installed = self._installed_int8()
+        return installed[0] if installed else None
+
+    def int8_target(self) -> str | None:
+        """The runtime the installed INT8 model was calibrated for (``tensorrt`` or ``onnxruntime``), or None.
+
+        Records from before the choice existed hold the TensorRT form (symmetric signed INT8).
+        """
+        installed = self._installed_int8()
+        return installed[1].get("options", {}).get("target", "tensorrt") if installed else None
+
+    def _installed_int8(self) -> tuple[Path, dict] | None:
+        """(model, calibration record) of the installed INT8 model, checked as ``int8_backbone_path`` says."""
         model, record_path = self.path / INT8_BACKBONE_NAME, self.path / CALIBRATION_NAME
         fix = f"run `pah-edge calibrate {self.path} --images DIR` again"
         if not record_path.is_file():
@@ -195,17 +208,7 @@ class Bundle:
         if sha256_file(model) != record.get("sha256"):
             raise BundleError(f"{INT8_BACKBONE_NAME} does not match its SHA-256 in {CALIBRATION_NAME} (changed or "
                               f"corrupt); {fix}")
-        return model
-
-    def int8_target(self) -> str | None:
-        """The runtime the installed INT8 model was calibrated for (``tensorrt`` or ``onnxruntime``), or None.
-
-        Records from before the choice existed hold the TensorRT form (symmetric signed INT8).
-        """
-        if self.int8_backbone_path() is None:
-            return None
-        record = _read_json(self.path / CALIBRATION_NAME, fix=f"run `pah-edge calibrate {self.path} --images DIR` again")
-        return record.get("options", {}).get("target", "tensorrt")
+        return model, record
 
     @contextlib.contextmanager
     def lock(self, wait_s: float | None = None):

@@ -237,6 +237,13 @@ def test_bad_calibration_input_is_one_line_and_leaves_the_bundle_unchanged(made,
     assert _tree(bundle_dir) == before
 
 
+def test_unknown_target_is_one_line(made, bundle_dir):
+    before = _tree(bundle_dir)
+    _assert_one_line_error(_run("calibrate", bundle_dir, "--images", made[1], "--target", "gpu", *FAST),
+                           "unknown --target 'gpu'", "tensorrt, onnxruntime")
+    assert _tree(bundle_dir) == before
+
+
 def test_int8_without_calibration_names_the_fix(made, bundle_dir):
     _assert_one_line_error(_run("predict", made[3], "--bundle", bundle_dir, "--precision", "int8"),
                            "no usable INT8 model", f"pah-edge calibrate {bundle_dir}")
