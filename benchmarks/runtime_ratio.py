@@ -24,7 +24,9 @@ import numpy as np
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
 from pah_edge.config import library_versions
+from pah_edge.device.bench_components import wall_ms_call
 from pah_edge.device.bench_inputs import synthetic_images
+from pah_edge.device.bench_timing import alternating
 from pah_edge.device.runtimes import create_runner
 from pah_edge.export.verify import torch_runners
 from pah_edge.machine import machine_info
@@ -70,24 +72,13 @@ def main() -> None:
 
 
 def interleaved(runners: dict, feeds: dict, *, rounds: int, block: int) -> dict:
-    """Alternate ``block`` timed calls per runner for ``rounds`` rounds; per-round and overall medians (ms)."""
-    for runner in runners.values():
-        for _ in range(WARMUP):
-            runner.infer(feeds)
-    samples = {name: [] for name in runners}
-    per_round = []
-    for _ in range(rounds):
-        medians = {}
-        for name, runner in runners.items():
-            times = []
-            for _ in range(block):
-                runner.infer(feeds)
-                times.append(runner.last_infer_ms)
-            samples[name] += times
-            medians[name] = float(np.median(times))
-        per_round.append({**medians, "ratio": medians["torch"] / medians["onnxruntime"]})
+    """Each runner's block median per round (`alternating`), their ratio, and the overall medians (ms)."""
+    per_round = alternating({name: wall_ms_call(r, feeds) for name, r in runners.items()}, rounds=rounds, block=block,
+                            warmup=WARMUP)
+    for r in per_round:
+        r["ratio"] = r["torch"] / r["onnxruntime"]
     ratios = [r["ratio"] for r in per_round]
-    return {"rounds": per_round, "p50_ms": {name: float(np.median(t)) for name, t in samples.items()},
+    return {"rounds": per_round, "p50_ms": {name: float(np.median([r[name] for r in per_round])) for name in runners},
             "ratio_median": float(np.median(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
 from pah_edge.device.bench_components import (COMPONENTS, LEARN_TASK_RUNS, Context, Skipped, component_precisions,
-                                              skip)
+                                              pair_with_torch, skip)
 from pah_edge.device.bench_inputs import DEFAULT_CLASSES, IMAGES_PER_CLASS, prepare_inputs, scratch_bundle
 from pah_edge.device.runtimes import EngineMismatchError, RuntimeUnavailable, available_runtimes
 from pah_edge.errors import ConfigError, PahEdgeError
@@ -99,6 +99,9 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None, *, jso
                 skipped.append(skip("all", runtime, None, problem))
                 continue
             _run_runtime(ctx, runtime, config.precisions, rows, skipped)
+        if ctx.torch:
+            log.info("timing ONNX Runtime and PyTorch eager backbones again, taking turns, for their ratio")
+            pair_with_torch(ctx, rows)
     if not rows:
         reasons = "; ".join(f"{s['component']} on {s['runtime']}: {s['reason']}" for s in skipped)
         raise PahEdgeError(f"nothing could be measured here ({reasons})")
@@ -152,13 +155,16 @@ def _require_matplotlib() -> None:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Set ``speedup_vs_torch`` (PyTorch eager FP32 p50 of the same component and batch / this p50;
-    None without one) on every row, and ``overhead_vs_backbone`` (this p50 / the bare backbone's at
-    batch 1 - 1; wall times) on predict-e2e rows."""
+    """Set ``speedup_vs_torch`` on every row: the median of the paired rounds where ``pair_with_torch``
+    measured them, else PyTorch eager FP32 p50 of the same component and batch / this p50 (None
+    without one); and ``overhead_vs_backbone`` (this p50 / the bare backbone's at batch 1 - 1; wall
+    times) on predict-e2e rows."""
     by_key = {(r["component"], r["runtime"], r["precision"], r["batch"]): r for r in rows}
     for row in rows:
         eager = by_key.get((row["component"], "torch", "fp32", row["batch"]))
-        row["speedup_vs_torch"] = eager["p50_ms"] / row["p50_ms"] if eager and eager is not row else None
+        paired = row.get("speedup_vs_torch_paired")
+        row["speedup_vs_torch"] = (paired["median"] if paired else
+                                   eager["p50_ms"] / row["p50_ms"] if eager and eager is not row else None)
         if row["component"] == "predict-e2e":
             bare = by_key.get(("backbone", row["runtime"], row["precision"], 1))
             row["overhead_vs_backbone"] = (row["p50_ms"] / bare.get("wall_p50_ms", bare["p50_ms"]) - 1

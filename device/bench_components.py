@@ -19,7 +19,7 @@ import numpy as np
 
 from pah_edge.bundle import Bundle
 from pah_edge.device.bench_inputs import BENCH_TASK, IMAGES_PER_CLASS, Inputs
-from pah_edge.device.bench_timing import NOISY_CV, measure
+from pah_edge.device.bench_timing import NOISY_CV, alternating, measure
 from pah_edge.device.bundle_runners import backbone_engine, max_batch
 from pah_edge.device.learner import learn_task
 from pah_edge.device.predict import Predictor
@@ -122,6 +122,39 @@ def runner_row(ctx: Context, runner: Runner, feeds: dict[str, np.ndarray], *, it
         row["wall_p50_ms"] = float(np.percentile(walls[-row["iterations"]:], 50))
         row["device_mem_mb"] = device_mem_mb()
     return row
+
+
+PAIRED_ROUNDS = 10
+
+
+def pair_with_torch(ctx: Context, rows: list[dict]) -> None:
+    """Time every ONNX Runtime backbone row again, taking turns with PyTorch eager at its batch.
+
+    Sets ``speedup_vs_torch_paired`` on those rows: the median, lowest and highest over
+    ``PAIRED_ROUNDS`` rounds of (PyTorch's block median / ONNX Runtime's), blocks of
+    ``iterations / PAIRED_ROUNDS`` calls each. The two rows' own p50s were taken minutes apart; on a
+    machine whose load drifts their ratio can be off by a third, the paired one cannot.
+    """
+    eager = {r["batch"] for r in rows if r["component"] == "backbone" and r["runtime"] == "torch"}
+    block = max(1, ctx.iterations // PAIRED_ROUNDS)
+    for row in rows:
+        if row["component"] != "backbone" or row["runtime"] != "onnxruntime" or row["batch"] not in eager:
+            continue
+        feeds = {"images": ctx.inputs.batch(row["batch"], ctx.bundle.preprocess)}
+        with graph_runner(ctx, "backbone", row["runtime"], row["precision"]) as runner, ctx.torch["backbone"] as torch:
+            rounds = alternating({"onnxruntime": wall_ms_call(runner, feeds), "torch": wall_ms_call(torch, feeds)},
+                                 rounds=PAIRED_ROUNDS, block=block, warmup=ctx.warmup)
+        ratios = [r["torch"] / r["onnxruntime"] for r in rounds]
+        row["speedup_vs_torch_paired"] = {"median": float(np.median(ratios)), "lowest": min(ratios),
+                                          "highest": max(ratios), "rounds": PAIRED_ROUNDS, "block": block}
+
+
+def wall_ms_call(runner: Runner, feeds: dict[str, np.ndarray]) -> Callable[[], float]:
+    """A call of ``runner.infer(feeds)`` that returns its wall time, ms."""
+    def call() -> float:
+        runner.infer(feeds)
+        return runner.last_infer_ms
+    return call
 
 
 def device_mem_mb() -> float:

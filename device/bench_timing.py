@@ -6,7 +6,7 @@ runner can report its wall time (``last_infer_ms``) or its GPU time (CUDA events
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,3 +57,20 @@ def measure(call: Callable[[], float], *, warmup: int, iterations: int) -> Timin
     for _ in range(warmup):
         call()
     return Timing(tuple(float(call()) for _ in range(iterations)))
+
+
+def alternating(calls: Mapping[str, Callable[[], float]], *, rounds: int, block: int,
+                warmup: int) -> list[dict[str, float]]:
+    """Per round, the median ms of ``block`` calls of each entry, the entries taking turns.
+
+    Two measurements taken one after the other see different machines when the load drifts; taking
+    turns in short blocks gives every entry the same stretch of time, so the ratio of two entries
+    within a round is what their speed alone decides. ``warmup`` untimed calls of each entry first.
+    """
+    if rounds < 1 or block < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1, block >= 1 and warmup >= 0, got {rounds}, {block} and {warmup}")
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    return [{name: float(np.median([call() for _ in range(block)])) for name, call in calls.items()}
+            for _ in range(rounds)]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pah_edge.cli import app
 from pah_edge.device.bench import BenchConfig, add_ratios, run_bench
-from pah_edge.device.bench_timing import NOISY_CV, Timing, measure
+from pah_edge.device.bench_timing import NOISY_CV, Timing, alternating, measure
 from pah_edge.device.runtimes import tensorrt_problem
 from pah_edge.errors import ConfigError
 
@@ -82,8 +82,12 @@ def test_every_component_runs_on_onnxruntime_and_the_graphs_on_torch(measured):
 def test_ratios_against_torch_and_the_bare_backbone(measured):
     report = measured[0]
     ort, eager = _row(report, "backbone", "onnxruntime", 1), _row(report, "backbone", "torch", 1)
-    assert ort["speedup_vs_torch"] == pytest.approx(eager["p50_ms"] / ort["p50_ms"])
-    assert eager["speedup_vs_torch"] is None
+    paired = ort["speedup_vs_torch_paired"]  # the two backbones timed again, taking turns
+    assert ort["speedup_vs_torch"] == paired["median"] and paired["lowest"] <= paired["median"] <= paired["highest"]
+    assert paired["rounds"] == 10 and paired["block"] == 1  # QUICK's iterations, in 10 rounds
+    assert "speedup_vs_torch_paired" not in eager and eager["speedup_vs_torch"] is None
+    head, head_eager = _row(report, "head-generation", "onnxruntime", 10), _row(report, "head-generation", "torch", 10)
+    assert head["speedup_vs_torch"] == pytest.approx(head_eager["p50_ms"] / head["p50_ms"])
     e2e = _row(report, "predict-e2e", "onnxruntime", 1)
     assert e2e["overhead_vs_backbone"] == pytest.approx(e2e["p50_ms"] / ort["p50_ms"] - 1)
     assert e2e["speedup_vs_torch"] is None  # PyTorch does not run the device path
@@ -150,6 +154,20 @@ def test_timing_statistics():
     assert steady.cv < NOISY_CV and not steady.noisy
     assert steady.fields(8)["throughput_ips"] == pytest.approx(8 * 1000 / 10.0)
     assert Timing((5.0,)).cv == 0.0
+
+
+def test_alternating_takes_turns_in_blocks_and_keeps_each_blocks_median():
+    order = []
+
+    def entry(name, ms):
+        return lambda: order.append(name) or ms.pop(0)
+
+    rounds = alternating({"a": entry("a", [99.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+                          "b": entry("b", [99.0, 10.0, 30.0, 20.0, 40.0, 60.0, 50.0])}, rounds=2, block=3, warmup=1)
+    assert order == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert rounds == [{"a": 2.0, "b": 20.0}, {"a": 5.0, "b": 50.0}]
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        alternating({"a": lambda: 1.0}, rounds=0, block=1, warmup=0)
 
 
 def test_measure_warms_up_then_keeps_every_timed_iteration():
