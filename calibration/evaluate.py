@@ -110,7 +110,8 @@ def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, *, top: i
     node output: ``rel_error`` = ||int8 - fp32|| / ||fp32|| (the error accumulated up to there),
     ``sqnr_db`` = 20 log10(1 / rel_error), and ``added_error`` = its rel_error minus the largest
     rel_error among the node's inputs: how much the error grows across it, by its own rounding or
-    by amplifying its inputs' (the candidates for ``--exclude``). Graph optimisations are off here,
+    by amplifying its inputs' (the candidates for ``--exclude``); ``via``: nodes between it and those
+    inputs whose outputs the INT8 graph fused away, whose error it is charged with. Graph optimisations are off here,
     so this is the exact Q/DQ arithmetic (what TensorRT implements), not ONNX Runtime's kernels.
     """
     from onnxruntime.quantization import qdq_loss_debug as debug
@@ -127,14 +128,22 @@ def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, *, top: i
     # A tensor's value in the INT8 graph is what its readers see: after its Q/DQ pair if it has one.
     errors = {name: _relative_error(values, matched[name]["post_qdq"] if name in matched else int8[name])
               for name, values in fp32.items() if name in int8}
+    # A tensor the INT8 graph does not materialise (a Conv output that feeds a Relu/Clip the ONNX
+    # Runtime form folded away) carries the error of its producer's inputs, so the node reading it is
+    # charged for both nodes' rounding, and ``via`` names the producer: that is the node to --exclude.
+    carried: dict[str, tuple[float, str | None]] = {}  # tensor -> (error its readers inherit, hidden producer)
     rows = []
     for node in _nodes(fp32_path):
+        inputs = [carried.get(i, (0.0, None)) for i in node.input]
+        inherited = max((error for error, _ in inputs), default=0.0)
+        for output in node.output:
+            carried[output] = (errors[output], None) if output in errors else (inherited, node.name)
         if not node.output or node.output[0] not in errors:
             continue
         rel = errors[node.output[0]]
-        inherited = max((errors[i] for i in node.input if i in errors), default=0.0)
         rows.append({"node": node.name, "op": node.op_type, "tensor": node.output[0], "rel_error": rel,
-                     "sqnr_db": -20 * math.log10(max(rel, 1e-12)), "added_error": rel - inherited})
+                     "sqnr_db": -20 * math.log10(max(rel, 1e-12)), "added_error": rel - inherited,
+                     "via": [hidden for _, hidden in inputs if hidden is not None]})
     return sorted(rows, key=lambda r: -r["added_error"])[:top]
 
 

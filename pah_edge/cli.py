@@ -405,7 +405,8 @@ def _print_calibration_report(r: dict, bundle: Path) -> None:
     lat, size = r["latency_ms"], r["size_mb"]
     lines = [
         "nodes adding the most error (||INT8 - FP32|| / ||FP32|| added, then accumulated; --exclude NODE keeps one FP32):",
-        *(f"  {l['op']:<10} {l['node']}  +{l['added_error']:.3f} -> {l['rel_error']:.3f}" for l in r["layers"]),
+        *(f"  {l['op']:<10} {l['node']}{''.join(f' (with {v})' for v in l.get('via', []))}  "
+          f"+{l['added_error']:.3f} -> {l['rel_error']:.3f}" for l in r["layers"]),
         f"size: FP32 {size['fp32']:.2f} MB, INT8 {size['int8']:.2f} MB",
         *(f"ONNX Runtime CPU, batch {b}: FP32 {lat['fp32'][b]:.2f} ms, INT8 {lat['int8'][b]:.2f} ms "
           f"({r['speedup'][b]:.2f}x)" for b in lat["fp32"]),

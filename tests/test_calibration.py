@@ -120,6 +120,24 @@ def test_unknown_excluded_node_is_named(made, tmp_path):
                             QuantizeOptions(exclude=("nope",)), tmp_path)
 
 
+def test_layer_report_charges_a_fused_convolution_to_the_activation_reading_it(made, tmp_path):
+    from pah_edge.calibration.evaluate import layer_errors
+
+    bundle = Bundle.open(made[0])
+    files = calibration_files(made[1], 40)
+    out = tmp_path / "int8.onnx"
+    # The ONNX Runtime form folds each Relu into the Q/DQ pair after its Conv: no Conv output to compare.
+    info = int8_onnx_from_fp32(bundle.graph_path("backbone"), out, ImageFolderReader(files, bundle.preprocess, samples=40),
+                               QuantizeOptions(target="onnxruntime", fp32_first=False), tmp_path)
+    images = next(iter(BatchStream([(f, 0) for f in files[:8]], bundle.preprocess, 8)))[0]
+    rows = {r["node"]: r for r in layer_errors(info["prepared"], out, images, top=20)}
+    for block in range(3):
+        relu = rows[f"/trunk/trunk.{block}/trunk.{block}.2/Relu"]
+        assert relu["via"] == [f"/trunk/trunk.{block}/trunk.{block}.0/Conv"]
+    later = rows["/trunk/trunk.1/trunk.1.2/Relu"]
+    assert 0 < later["added_error"] < later["rel_error"]  # charged from the block's input on, not from zero
+
+
 def test_calibration_files_take_classes_in_turn(tmp_path, mnist_digits):
     root = write_image_folder(tmp_path, mnist_digits, {"t": [0, 1, 2]}, per_class=4) / "t"
     files = calibration_files(root, 6)
