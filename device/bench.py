@@ -157,8 +157,8 @@ def _require_matplotlib() -> None:
 def add_ratios(rows: list[dict]) -> None:
     """Set ``speedup_vs_torch`` on every row: the median of the paired rounds where ``pair_with_torch``
     measured them, else PyTorch eager FP32 p50 of the same component and batch / this p50 (None
-    without one); and ``overhead_vs_backbone`` (this p50 / the bare backbone's at batch 1 - 1; wall
-    times) on predict-e2e rows."""
+    without one); and ``overhead_vs_backbone`` on predict-e2e rows: the median of their paired rounds
+    (predict / bare backbone - 1, taking turns), else this p50 / the backbone row's at batch 1 - 1."""
     by_key = {(r["component"], r["runtime"], r["precision"], r["batch"]): r for r in rows}
     for row in rows:
         eager = by_key.get((row["component"], "torch", "fp32", row["batch"]))
@@ -167,8 +167,9 @@ def add_ratios(rows: list[dict]) -> None:
                                    eager["p50_ms"] / row["p50_ms"] if eager and eager is not row else None)
         if row["component"] == "predict-e2e":
             bare = by_key.get(("backbone", row["runtime"], row["precision"], 1))
-            row["overhead_vs_backbone"] = (row["p50_ms"] / bare.get("wall_p50_ms", bare["p50_ms"]) - 1
-                                           if bare else None)
+            paired = row.get("overhead_vs_backbone_paired")
+            row["overhead_vs_backbone"] = (paired["median"] if paired else
+                                           row["p50_ms"] / bare.get("wall_p50_ms", bare["p50_ms"]) - 1 if bare else None)
 
 
 def row_line(row: dict) -> str:

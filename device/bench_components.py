@@ -144,9 +144,13 @@ def pair_with_torch(ctx: Context, rows: list[dict]) -> None:
         with graph_runner(ctx, "backbone", row["runtime"], row["precision"]) as runner, ctx.torch["backbone"] as torch:
             rounds = alternating({"onnxruntime": wall_ms_call(runner, feeds), "torch": wall_ms_call(torch, feeds)},
                                  rounds=PAIRED_ROUNDS, block=block, warmup=ctx.warmup)
-        ratios = [r["torch"] / r["onnxruntime"] for r in rounds]
-        row["speedup_vs_torch_paired"] = {"median": float(np.median(ratios)), "lowest": min(ratios),
-                                          "highest": max(ratios), "rounds": PAIRED_ROUNDS, "block": block}
+        row["speedup_vs_torch_paired"] = _spread([r["torch"] / r["onnxruntime"] for r in rounds], block)
+
+
+def _spread(per_round: list[float], block: int) -> dict:
+    """Median, lowest and highest of a per-round quantity, with the rounds and calls per block."""
+    return {"median": float(np.median(per_round)), "lowest": min(per_round), "highest": max(per_round),
+            "rounds": len(per_round), "block": block}
 
 
 def wall_ms_call(runner: Runner, feeds: dict[str, np.ndarray]) -> Callable[[], float]:
@@ -217,6 +221,11 @@ def predict_e2e(ctx: Context, runtime: str, precision: str | None) -> Iterator[d
     with _quiet(), predictor:
         row = timed_row(ctx, call, items=1, labels={**_labels("predict-e2e", runtime, precision, 1),
                                                      "runner": runner.name, "timing": "wall"})
+        # The bare backbone's own row ran minutes earlier: take turns with it for the overhead.
+        bare = wall_ms_call(runner, {"images": ctx.inputs.batch(1, ctx.bundle.preprocess)})
+        block = max(1, ctx.iterations // PAIRED_ROUNDS)
+        rounds = alternating({"predict": call, "backbone": bare}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
+    row["overhead_vs_backbone_paired"] = _spread([r["predict"] / r["backbone"] - 1 for r in rounds], block)
     yield row
 
 

@@ -89,7 +89,10 @@ def test_ratios_against_torch_and_the_bare_backbone(measured):
     head, head_eager = _row(report, "head-generation", "onnxruntime", 10), _row(report, "head-generation", "torch", 10)
     assert head["speedup_vs_torch"] == pytest.approx(head_eager["p50_ms"] / head["p50_ms"])
     e2e = _row(report, "predict-e2e", "onnxruntime", 1)
-    assert e2e["overhead_vs_backbone"] == pytest.approx(e2e["p50_ms"] / ort["p50_ms"] - 1)
+    overhead = e2e["overhead_vs_backbone_paired"]  # predict and the bare backbone, taking turns
+    assert e2e["overhead_vs_backbone"] == overhead["median"]
+    assert overhead["lowest"] <= overhead["median"] <= overhead["highest"] and overhead["rounds"] == 10
+    assert overhead["median"] > 0  # predict runs the backbone and decodes a frame besides
     assert e2e["speedup_vs_torch"] is None  # PyTorch does not run the device path
 
 
