@@ -24,9 +24,8 @@ import numpy as np
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
 from pah_edge.config import library_versions
-from pah_edge.device.bench_components import wall_ms_call
 from pah_edge.device.bench_inputs import synthetic_images
-from pah_edge.device.bench_timing import alternating
+from pah_edge.device.bench_timing import alternating, wall_ms_call
 from pah_edge.device.runtimes import create_runner
 from pah_edge.export.verify import torch_runners
 from pah_edge.machine import machine_info

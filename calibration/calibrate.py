@@ -19,10 +19,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from pah_edge.atomic import atomic_write_bytes, atomic_write_json
 from pah_edge.bundle import (CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_BACKBONE_NAME, LOCK_NAME, Bundle,
                              sha256_file, utc_now)
-from pah_edge.calibration.evaluate import (compare_tasks, eval_task_folders, latency_ms, layer_errors,
+from pah_edge.calibration.evaluate import (compare_tasks, eval_task_folders, layer_errors, paired_latency,
                                            size_mb)
 from pah_edge.calibration.quantize import QuantizeOptions, int8_onnx_from_fp32
 from pah_edge.config import library_versions
@@ -117,7 +119,8 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
 
 def _compare(bundle: Bundle, int8_path: Path, prepared: Path, files: list[Path], eval_folders: dict[str, Path],
              new_task: str | Path | None, work: Path, *, latency_runs: int, threads: int | None) -> dict:
-    """The report's measurements: tasks, new_task, layers, size_mb, latency_ms (and its threads), speedup."""
+    """The report's measurements: tasks, new_task, layers, size_mb, latency_ms (and its threads), speedup
+    (per batch, the median over the timed rounds of FP32 / INT8, the two taking turns call by call)."""
     fp32_path = bundle.graph_path("backbone")
     log.info("comparing INT8 with FP32 (%s)", ", ".join(eval_folders) or "no --eval tasks")
     tasks = compare_tasks(bundle, fp32_path, int8_path, eval_folders)
@@ -125,13 +128,16 @@ def _compare(bundle: Bundle, int8_path: Path, prepared: Path, files: list[Path],
     first_images = next(iter(BatchStream([(f, 0) for f in files], bundle.preprocess, LAYER_IMAGES)))[0]
     layers = layer_errors(prepared, int8_path, first_images)
     log.info("timing FP32 and INT8 on ONNX Runtime CPU, batch %s", " and ".join(map(str, LATENCY_BATCHES)))
-    latency = {name: {str(b): latency_ms(path, bundle.preprocess.image_size, b, runs=latency_runs, threads=threads)
-                      for b in LATENCY_BATCHES}
-               for name, path in (("fp32", fp32_path), ("int8", int8_path))}
+    latency, speedup = {"fp32": {}, "int8": {}}, {}
+    for b in LATENCY_BATCHES:
+        medians, rounds = paired_latency({"fp32": fp32_path, "int8": int8_path}, bundle.preprocess.image_size, b,
+                                         runs=latency_runs, threads=threads)
+        for name, ms in medians.items():
+            latency[name][str(b)] = ms
+        speedup[str(b)] = float(np.median([r["fp32"] / r["int8"] for r in rounds]))
     return {"tasks": tasks, "new_task": new, "layers": layers,
             "size_mb": {"fp32": size_mb(fp32_path), "int8": size_mb(int8_path)},
-            "latency_ms": latency, "latency_threads": threads,
-            "speedup": {b: latency["fp32"][b] / latency["int8"][b] for b in latency["fp32"]}}
+            "latency_ms": latency, "latency_threads": threads, "speedup": speedup}
 
 
 def _install(bundle_dir: Path, int8_path: Path, record: dict) -> None:

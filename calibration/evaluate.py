@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pah_edge.bundle import Bundle, TaskRecord
+from pah_edge.device.bench_timing import alternating, wall_ms_call
 from pah_edge.device.bundle_runners import generator_runner
 from pah_edge.device.images import BatchStream, check_no_class_empty, scan_class_folders, warn_skipped
 from pah_edge.device.learner import accuracy
@@ -161,14 +162,19 @@ def _nodes(model_path: Path) -> list:
 def latency_ms(model_path: Path, image_size: int, batch: int, *, runs: int = 10, warmup: int = 2,
                threads: int | None = None) -> float:
     """Median wall time of one ONNX Runtime CPU call on a [batch, 3, S, S] input, in ms."""
+    return paired_latency({"model": model_path}, image_size, batch, runs=runs, warmup=warmup, threads=threads)[0]["model"]
+
+
+def paired_latency(models: dict[str, Path], image_size: int, batch: int, *, runs: int = 10, warmup: int = 2,
+                   threads: int | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(median ms per model, ms per model in each of ``runs`` rounds): ONNX Runtime CPU calls on one
+    [batch, 3, S, S] input, the models taking turns call by call so that load drift hits them alike."""
     images = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
-    times = []
-    with create_runner("onnxruntime-cpu", model_path, threads=threads) as runner:
-        for i in range(warmup + runs):
-            runner.infer({"images": images})
-            if i >= warmup:
-                times.append(runner.last_infer_ms)
-    return float(np.median(times))
+    with ExitStack() as stack:
+        calls = {name: wall_ms_call(stack.enter_context(create_runner("onnxruntime-cpu", path, threads=threads)),
+                                    {"images": images}) for name, path in models.items()}
+        rounds = alternating(calls, rounds=runs, block=1, warmup=warmup)
+    return {name: float(np.median([r[name] for r in rounds])) for name in models}, rounds
 
 
 def size_mb(path: Path) -> float:

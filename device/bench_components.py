@@ -19,7 +19,7 @@ import numpy as np
 
 from pah_edge.bundle import Bundle
 from pah_edge.device.bench_inputs import BENCH_TASK, IMAGES_PER_CLASS, Inputs
-from pah_edge.device.bench_timing import NOISY_CV, alternating, measure
+from pah_edge.device.bench_timing import NOISY_CV, alternating, measure, wall_ms_call
 from pah_edge.device.bundle_runners import backbone_engine, max_batch
 from pah_edge.device.learner import learn_task
 from pah_edge.device.predict import Predictor
@@ -151,14 +151,6 @@ def _spread(per_round: list[float], block: int) -> dict:
     """Median, lowest and highest of a per-round quantity, with the rounds and calls per block."""
     return {"median": float(np.median(per_round)), "lowest": min(per_round), "highest": max(per_round),
             "rounds": len(per_round), "block": block}
-
-
-def wall_ms_call(runner: Runner, feeds: dict[str, np.ndarray]) -> Callable[[], float]:
-    """A call of ``runner.infer(feeds)`` that returns its wall time, ms."""
-    def call() -> float:
-        runner.infer(feeds)
-        return runner.last_infer_ms
-    return call
 
 
 def device_mem_mb() -> float:

@@ -74,3 +74,11 @@ def alternating(calls: Mapping[str, Callable[[], float]], *, rounds: int, block:
             call()
     return [{name: float(np.median([call() for _ in range(block)])) for name, call in calls.items()}
             for _ in range(rounds)]
+
+
+def wall_ms_call(runner, feeds: dict) -> Callable[[], float]:
+    """A call of ``runner.infer(feeds)`` (any runner) that returns its wall time, ms."""
+    def call() -> float:
+        runner.infer(feeds)
+        return runner.last_infer_ms
+    return call

@@ -165,6 +165,7 @@ def test_calibrate_installs_int8_and_reports(made, bundle_dir):
     added = [layer["added_error"] for layer in report["layers"]]
     assert 0 < len(added) <= 5 and added == sorted(added, reverse=True)
     assert set(report["latency_ms"]["int8"]) == {"1", "32"} and report["size_mb"]["int8"] > 0
+    assert set(report["speedup"]) == {"1", "32"} and all(x > 0 for x in report["speedup"].values())
     assert report["options"]["method"] == "entropy" and report["options"]["per_channel"]
     assert report["options"]["target"] == default_target()  # --target auto
 
