@@ -162,7 +162,8 @@ def _nodes(model_path: Path) -> list:
 def latency_ms(model_path: Path, image_size: int, batch: int, *, runs: int = 10, warmup: int = 2,
                threads: int | None = None) -> float:
     """Median wall time of one ONNX Runtime CPU call on a [batch, 3, S, S] input, in ms."""
-    return paired_latency({"model": model_path}, image_size, batch, runs=runs, warmup=warmup, threads=threads)[0]["model"]
+    medians, _ = paired_latency({"model": model_path}, image_size, batch, runs=runs, warmup=warmup, threads=threads)
+    return medians["model"]
 
 
 def paired_latency(models: dict[str, Path], image_size: int, batch: int, *, runs: int = 10, warmup: int = 2,
