@@ -75,7 +75,8 @@ class QuantizeOptions:
     def to_dict(self) -> dict:
         return {"target": self.target, "method": self.method, "per_channel": self.per_channel,
                 "fp32_first": self.fp32_first, "fp32_last": self.fp32_last, "exclude": list(self.exclude),
-                "reduce_range": self.reduce_range, "percentile": self.percentile if self.method == "percentile" else None,
+                "reduce_range": self.reduce_range,
+                "percentile": self.percentile if self.method == "percentile" else None,
                 "weights": "int8 symmetric", "format": "QDQ",
                 "activations": "int8 symmetric" if self.symmetric_activations else "uint8 asymmetric"}
 
