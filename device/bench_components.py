@@ -136,15 +136,20 @@ def pair_with_torch(ctx: Context, rows: list[dict]) -> None:
     machine whose load drifts their ratio can be off by a third, the paired one cannot.
     """
     eager = {r["batch"] for r in rows if r["component"] == "backbone" and r["runtime"] == "torch"}
-    block = max(1, ctx.iterations // PAIRED_ROUNDS)
-    for row in rows:
-        if row["component"] != "backbone" or row["runtime"] != "onnxruntime" or row["batch"] not in eager:
-            continue
-        feeds = {"images": ctx.inputs.batch(row["batch"], ctx.bundle.preprocess)}
-        with graph_runner(ctx, "backbone", row["runtime"], row["precision"]) as runner, ctx.torch["backbone"] as torch:
-            rounds = alternating({"onnxruntime": wall_ms_call(runner, feeds), "torch": wall_ms_call(torch, feeds)},
-                                 rounds=PAIRED_ROUNDS, block=block, warmup=ctx.warmup)
-        row["speedup_vs_torch_paired"] = _spread([r["torch"] / r["onnxruntime"] for r in rounds], block)
+    paired = [r for r in rows if r["component"] == "backbone" and r["runtime"] == "onnxruntime" and r["batch"] in eager]
+    block = paired_block(ctx)
+    for precision in dict.fromkeys(r["precision"] for r in paired):  # one session per precision, all its batches
+        with graph_runner(ctx, "backbone", "onnxruntime", precision) as runner, ctx.torch["backbone"] as torch:
+            for row in (r for r in paired if r["precision"] == precision):
+                feeds = {"images": ctx.inputs.batch(row["batch"], ctx.bundle.preprocess)}
+                rounds = alternating({"onnxruntime": wall_ms_call(runner, feeds), "torch": wall_ms_call(torch, feeds)},
+                                     rounds=PAIRED_ROUNDS, block=block, warmup=ctx.warmup)
+                row["speedup_vs_torch_paired"] = _spread([r["torch"] / r["onnxruntime"] for r in rounds], block)
+
+
+def paired_block(ctx: Context) -> int:
+    """Calls per runner per paired round: --iterations spread over ``PAIRED_ROUNDS`` rounds."""
+    return max(1, ctx.iterations // PAIRED_ROUNDS)
 
 
 def _spread(per_round: list[float], block: int) -> dict:
@@ -215,7 +220,7 @@ def predict_e2e(ctx: Context, runtime: str, precision: str | None) -> Iterator[d
                                                      "runner": runner.name, "timing": "wall"})
         # The bare backbone's own row ran minutes earlier: take turns with it for the overhead.
         bare = wall_ms_call(runner, {"images": ctx.inputs.batch(1, ctx.bundle.preprocess)})
-        block = max(1, ctx.iterations // PAIRED_ROUNDS)
+        block = paired_block(ctx)
         rounds = alternating({"predict": call, "backbone": bare}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
     row["overhead_vs_backbone_paired"] = _spread([r["predict"] / r["backbone"] - 1 for r in rounds], block)
     yield row
