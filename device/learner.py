@@ -31,6 +31,7 @@ from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.errors import ConfigError
 from pah_edge.machine import peak_rss_mb
 from pah_edge.progress import progress_bar
+from pah_edge.task_free import task_stats
 
 log = logging.getLogger("pah_edge")
 
@@ -133,7 +134,8 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
     ignored_files, train_accuracy (final fit, all images) and val_accuracy (the fit without the
     validation images; None without them), initial_loss and final_loss (cross-entropy of the final
     fit), steps, converged, runtime, precision, batch_size, feature_images_per_s (decoding included),
-    feature_seconds, optimise_seconds, wall_seconds (s), peak_rss_mb (MB), bytes_stored and file.
+    feature_seconds, optimise_seconds, wall_seconds (s), peak_rss_mb (MB), bytes_stored (prototypes),
+    stats_bytes_stored (task-free statistics; 0 for a bundle without them) and file.
     """
     wall = time.perf_counter()
     _check_options(val_fraction=val_fraction, max_steps=max_steps, lr=lr, weight=weight, patience=patience)
@@ -178,7 +180,8 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
         val_acc = accuracy_of(held_out.prototypes, val) if held_out is not None else None
         record = bundle.add_task(name=name, class_names=folders.class_names, prototypes=result.prototypes,
                                  images_seen=len(extracted.labels), source="device", replace=replace,
-                                 accuracy=val_acc if val_acc is not None else train_acc)
+                                 accuracy=val_acc if val_acc is not None else train_acc,
+                                 stats=_task_free_stats(bundle, extracted, len(folders.class_names)))
     return {
         "name": name,
         "classes": list(folders.class_names),
@@ -200,8 +203,18 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
         "wall_seconds": time.perf_counter() - wall,
         "peak_rss_mb": peak_rss_mb(),
         "bytes_stored": record.bytes,
+        "stats_bytes_stored": (bundle.path / record.stats_file).stat().st_size if record.stats_file else 0,
         "file": record.file,
     }
+
+
+def _task_free_stats(bundle: Bundle, extracted: Features, classes: int):
+    """The task's statistics for task-free prediction, or None (with a warning) for a bundle without them."""
+    if bundle.shared_stats() is None:
+        log.warning("%s has no task-free statistics, so this task is only predicted with --task; add them with "
+                    "`pah-edge task-stats %s --images DIR`", bundle.path, bundle.path)
+        return None
+    return task_stats(extracted.features, extracted.labels, classes)
 
 
 def _starting_point(bundle: Bundle, generator: Runner, extracted: Features, classes: int):
@@ -232,7 +245,8 @@ def summary_line(report: dict) -> str:
     return (f"learned {report['name']!r}: {len(report['classes'])} classes, {report['images']['train']} train / "
             f"{report['images']['val']} val images, train {100 * report['train_accuracy']:.1f}% val {val}, "
             f"{speed:.0f} img/s features, {report['wall_seconds']:.1f} s wall, "
-            f"peak RSS {report['peak_rss_mb']:.0f} MB, {report['bytes_stored']:,} bytes stored")
+            f"peak RSS {report['peak_rss_mb']:.0f} MB, {report['bytes_stored']:,} bytes of prototypes + "
+            f"{report['stats_bytes_stored']:,} of task-free statistics stored")
 
 
 def _check_class_count(bundle: Bundle, folders: ClassFolders) -> None:

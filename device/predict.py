@@ -1,7 +1,10 @@
-"""Prediction on the device: images -> backbone features -> logits against each task's generated head.
+"""Prediction on the device: images -> backbone features -> (task, class), novelty and known.
 
-Never imports torch. A task's head ``H(P_t)`` [C, D] is generated once per task and cached; logits
-are ``features @ head.T`` and the confidence is their softmax, as in training.
+Never imports torch. Without a task, one discriminant over every class of every task picks the
+(task, class) and scores novelty (``pah_edge.task_free``); a task whose statistics are missing or
+corrupt is left out with one warning. With ``task``, that task's generated head ``H(P_t)`` [C, D]
+(generated once and cached) gives logits ``features @ head.T`` and the confidence is their softmax,
+as in training; novelty is then measured against that task's classes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pah_edge.device.bundle_runners import backbone_runner, features, generator_
 from pah_edge.device.images import BatchStream, describe_skipped, warn_skipped
 from pah_edge.errors import ConfigError, DataError
 from pah_edge.preprocess import IMAGE_SUFFIXES
+from pah_edge.task_free import SharedStats, TaskFreeRule
 
 log = logging.getLogger("pah_edge")
 
@@ -50,12 +54,6 @@ def _walk(folder: Path) -> list[Path]:
     return files
 
 
-def check_task_choice(task: str | None, any_task: bool) -> None:
-    """ConfigError when both a task and ``any_task`` are given."""
-    if task is not None and any_task:
-        raise ConfigError("give --task NAME or --any-task, not both")
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of logits [N, C], shifted by the row maximum so exp cannot overflow."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -76,6 +74,7 @@ class Predictor:
         self.generator = generator_runner(bundle)
         self.heads: dict[str, np.ndarray] = {}  # task name -> head float32 [C, D]
         self._head_sources: dict[str, str] = {}  # task name -> SHA-256 of the prototypes it came from
+        self._rule: tuple[tuple, TaskFreeRule | None] | None = None  # (tasks and statistics it was built from, rule)
 
     def __enter__(self) -> Predictor:
         with ExitStack() as stack:  # a backbone that fails to start releases the generator again
@@ -97,52 +96,78 @@ class Predictor:
             self._head_sources[record.name] = record.sha256
         return self.heads[record.name]
 
-    def choose_tasks(self, task: str | None = None, any_task: bool = False) -> list[TaskRecord]:
-        """The tasks a prediction scores: ``task``, all of them (``any_task``), or the default task.
+    def rule(self, task: str | None = None) -> TaskFreeRule | None:
+        """The task-free rule over every task with readable statistics (or over ``task`` alone).
 
-        The default is the only task, else the most recently created one (the later-registered on a
-        tie); the log says which.
+        None when ``task`` is given but it or the bundle has no statistics. Without ``task``, a bundle
+        lacking the shared state is a BundleError naming the fix; a task whose statistics are missing
+        or corrupt is left out with one warning.
         """
-        check_task_choice(task, any_task)
-        records = self.bundle.tasks()
+        records = [self.bundle.task(task)] if task is not None else self.bundle.tasks()
         if not records:
             raise BundleError(f"{self.bundle.path} has no tasks: learn one with "
                               f"`pah-edge learn-task FOLDER --bundle {self.bundle.path}`")
-        if task is not None:
-            return [self.bundle.task(task)]
-        if any_task:
-            return records
-        if len(records) == 1:
-            return records
-        newest = max(enumerate(records), key=lambda item: (item[1].created, item[0]))[1]
-        log.info("using task %r, the newest of %d (pass --task NAME or --any-task to choose)",
-                 newest.name, len(records))
-        return [newest]
+        shared = self.bundle.shared_stats()
+        if shared is None:
+            if task is not None:
+                return None
+            raise BundleError(f"{self.bundle.path} has no task-free statistics (exported before they existed): add "
+                              f"them with `pah-edge task-stats {self.bundle.path} --checkpoint RUN_DIR` (or --images "
+                              "DIR), or pass --task NAME")
+        key = (task, tuple((r.name, r.stats_sha256) for r in records))
+        if self._rule is None or self._rule[0] != key:
+            self._rule = (key, self._build_rule(shared, records, warn=task is None))
+        return self._rule[1]
 
-    def predict(self, paths: Sequence[str | os.PathLike[str]], *, task: str | None = None, any_task: bool = False,
-                batch_size: int = 32) -> list[dict]:
-        """One ``{"path", "task", "label", "confidence"}`` per readable image, in file order.
+    def _build_rule(self, shared: SharedStats, records: list[TaskRecord], *, warn: bool) -> TaskFreeRule | None:
+        usable = []
+        for record in records:
+            try:
+                usable.append((record, self.bundle.load_task_stats(record)))
+            except BundleError as exc:
+                if warn:
+                    log.warning("task %r is left out of task-free prediction: %s", record.name, exc)
+        if not usable:
+            if not warn:
+                return None
+            raise BundleError(f"no task of {self.bundle.path} has usable task-free statistics; add them with "
+                              f"`pah-edge task-stats {self.bundle.path} --images DIR`, or pass --task NAME")
+        return TaskFreeRule(shared, usable)
 
-        label is the class (folder) name the task was learned from; confidence is its softmax
-        probability in [0, 1]. ``any_task`` scores every task and keeps the (task, class) of highest
-        confidence: a simple max-confidence rule, biased towards tasks with fewer classes (a 2-class
-        task's softmax never drops below 0.5). Unreadable images are skipped with one warning; if
-        none is readable, DataError.
+    def predict(self, paths: Sequence[str | os.PathLike[str]], *, task: str | None = None, batch_size: int = 32,
+                novelty_threshold: float | None = None) -> list[dict]:
+        """One ``{"path", "task", "label", "confidence", "novelty", "known"}`` per readable image, in file order.
+
+        Without ``task``: the (task, class) of highest posterior over every task's classes; label is
+        the class (folder) name, confidence its posterior in [0, 1]. novelty is the squared
+        Mahalanobis distance to the nearest class mean per feature dimension (higher = less like
+        anything learned); known = novelty <= the threshold (the bundle's, or ``novelty_threshold``),
+        and an unknown image has task and label None. With ``task``: that task's generated head
+        decides label and confidence (its softmax probability), as in training; novelty is measured
+        against that task's classes and known only informs (None without statistics). Unreadable
+        images are skipped with one warning; if none is readable, DataError.
         """
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-        records = self.choose_tasks(task, any_task)
+        rule = self.rule(task)
+        head_record = self.bundle.task(task) if task is not None else None
         files = image_files(paths)
         if not files:
             shown = ", ".join(map(str, paths))
             raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {shown}: "
                             "give image files or folders holding them")
-        heads = [self.head(r) for r in records]
+        head = self.head(head_record) if head_record is not None else None
+        threshold = novelty_threshold if novelty_threshold is not None else (
+            rule.shared.threshold if rule is not None else None)
         stream = BatchStream([(file, 0) for file in files], self.bundle.preprocess, batch_size)
         results: list[dict] = []
         for inputs, positions in stream:
             feats = features(self.backbone, inputs, batch_size)
-            results += _best_classes(feats, [files[i] for i in positions], records, heads)
+            batch_files = [files[i] for i in positions]
+            if head_record is not None:
+                results += _task_given(feats, batch_files, head_record, head, rule, threshold)
+            else:
+                results += _task_free(feats, batch_files, rule, threshold)
         warn_skipped(stream.skipped, len(files))
         if not results:
             raise DataError(f"none of the {len(files)} image(s) could be read: {describe_skipped(stream.skipped)}; "
@@ -150,16 +175,31 @@ class Predictor:
         return results
 
 
-def _best_classes(feats: np.ndarray, files: list[Path], records: list[TaskRecord],
-                  heads: list[np.ndarray]) -> list[dict]:
-    """Per image the (task, class) of highest softmax confidence; the first task wins a tie."""
-    probs = [softmax(feats @ head.T) for head in heads]
-    labels = np.stack([p.argmax(axis=1) for p in probs], axis=1)  # [N, T]
-    confidences = np.stack([p.max(axis=1) for p in probs], axis=1)  # [N, T]
-    best_task = confidences.argmax(axis=1)
+def _task_free(feats: np.ndarray, files: list[Path], rule: TaskFreeRule, threshold: float | None) -> list[dict]:
+    scores, novelty = rule.scores(feats)
+    posterior = softmax(scores)
+    best = posterior.argmax(axis=1)
     results = []
     for i, file in enumerate(files):
-        t = best_task[i]
-        results.append({"path": str(file), "task": records[t].name, "label": records[t].class_names[labels[i, t]],
-                        "confidence": float(confidences[i, t])})
+        known = _known(novelty[i], threshold)
+        record = rule.tasks[rule.task_of[best[i]]]
+        results.append({"path": str(file), "task": record.name if known is not False else None,
+                        "label": record.class_names[rule.class_of[best[i]]] if known is not False else None,
+                        "confidence": float(posterior[i, best[i]]), "novelty": float(novelty[i]), "known": known})
     return results
+
+
+def _task_given(feats: np.ndarray, files: list[Path], record: TaskRecord, head: np.ndarray,
+                rule: TaskFreeRule | None, threshold: float | None) -> list[dict]:
+    probs = softmax(feats @ head.T)
+    novelty = rule.scores(feats)[1] if rule is not None else [None] * len(files)
+    return [{"path": str(file), "task": record.name, "label": record.class_names[probs[i].argmax()],
+             "confidence": float(probs[i].max()), "novelty": None if novelty[i] is None else float(novelty[i]),
+             "known": _known(novelty[i], threshold)} for i, file in enumerate(files)]
+
+
+def _known(novelty: float | None, threshold: float | None) -> bool | None:
+    """novelty <= threshold; None when either is unknown (no statistics, no threshold: everything is known)."""
+    if novelty is None:
+        return None
+    return True if threshold is None else bool(novelty <= threshold)

@@ -7,6 +7,7 @@ export that fails (parity, a crash, Ctrl-C) leaves any previous bundle untouched
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,26 +22,33 @@ from pah_edge.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
                              task_name_from, utc_now)
 from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from pah_edge.config import RunConfig, library_versions
+from pah_edge.device.task_stats import install_task_free
 from pah_edge.errors import CheckpointError, ConfigError, DataError
 from pah_edge.export.graphs import LearnerStepGraph
 from pah_edge.export.onnx_export import GRAPH_TOLERANCES, ExportError, OnnxGraph, onnx_from_torch, torch_outputs
+from pah_edge.export.task_free_data import STATS_PER_CLASS, run_task_features
 from pah_edge.export.parity_inputs import Inputs, backbone_inputs, learner_step_inputs, prototype_sets
 from pah_edge.hypernetwork import TaskMLPGenerator
 from pah_edge.metrics import summarize
 from pah_edge.model import PAHModel
 from pah_edge.preprocess import Preprocess
 
+log = logging.getLogger("pah_edge")
+
 EXPORTABLE_GENERATORS = ("classwise-linear", "classwise", "task-mlp")
 GRAPH_FILES = {"backbone": "backbone.onnx", "generator": "generator.onnx", "learner_step": "learner_step.onnx"}
 
 
 def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = 17, simplify: bool = True,
-                  images: Path | None = None, force: bool = False, backbone: str | None = None) -> dict:
+                  images: Path | None = None, force: bool = False, backbone: str | None = None,
+                  stats_per_class: int = STATS_PER_CLASS, progress: bool = False) -> dict:
     """Export the run at ``checkpoint`` (run directory or its checkpoint.pt) as a bundle in ``out_dir``.
 
     images: a folder whose first 16 images (recursive) join the backbone parity check. force: replace
-    an existing bundle. backbone: refuse a checkpoint of another backbone. Returns the report that is
-    also written to ``out_dir/report.json``; a parity failure raises ExportError and writes nothing.
+    an existing bundle. backbone: refuse a checkpoint of another backbone. stats_per_class: images
+    per class of the run's data for the task-free statistics (when the data is not here, the bundle
+    is written without them, with a warning naming the command that adds them). Returns the report
+    that is also written to ``out_dir/report.json``; a parity failure raises ExportError and writes nothing.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
@@ -67,13 +75,30 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = 17, simplify:
         for task in tasks:
             bundle.add_task(name=task["name"], class_names=task["class_names"], prototypes=task["prototypes"],
                             images_seen=task["images_seen"], accuracy=task["accuracy"], source="workstation")
-        report = _report(out_dir, ckpt_path, state, manifest, graphs, tasks, images)
+        task_free = _task_free(bundle, cfg, preprocess, stats_per_class, progress, out_dir)
+        report = _report(out_dir, ckpt_path, state, manifest, graphs, tasks, images) | {"task_free": task_free}
         atomic_write_json(tmp / "report.json", report)
         _move_into_place(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _task_free(bundle: Bundle, cfg: RunConfig, preprocess: Preprocess, per_class: int, progress: bool,
+               out_dir: Path) -> dict | None:
+    """Install the task-free statistics from the run's data; None (and a warning) when it is not here."""
+    try:
+        features = run_task_features(bundle, cfg, preprocess, per_class=per_class, progress=progress)
+    except DataError as exc:
+        features, why = [], str(exc)
+    else:
+        why = "none of the run's tasks was exported"
+    if not features:
+        log.warning("the bundle has no task-free statistics (%s); add them where the data is with "
+                    "`pah-edge task-stats %s --checkpoint RUN_DIR` or --images DIR", why, out_dir)
+        return None
+    return install_task_free(bundle, features)
 
 
 def newest_run(runs_dir: Path, backbone: str) -> Path:

@@ -9,6 +9,9 @@ Layout of a bundle directory::
     report.json            the export's parity report
     tasks/registry.json    mutable: one entry per task (name, class names, file, SHA-256, ...)
     tasks/<name>.npz       key "prototypes": float32 [C, c, s, s]
+    tasks/<name>.stats.npz the task's feature statistics for task-free prediction (pah_edge.task_free)
+    task_free.<sha>.npz    the shared task-free state (centring mean, scatter, novelty threshold)
+    task_free.json         names that file and its SHA-256; written after it
     engines/               TensorRT engines; device-specific, so not hashed in the manifest
     backbone.int8.onnx     optional, from `pah-edge calibrate`: the backbone with Q/DQ INT8 nodes
     calibration.json       its record (settings, accuracy report, SHA-256); written after the model
@@ -40,6 +43,7 @@ import numpy as np
 from pah_edge.atomic import atomic_write_bytes, atomic_write_json
 from pah_edge.errors import PahEdgeError
 from pah_edge.preprocess import Preprocess
+from pah_edge.task_free import SharedStats, TaskStats
 
 BUNDLE_FORMAT = "pah-edge-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -53,6 +57,7 @@ LOCK_NAME = ".lock"
 INT8_BACKBONE_NAME = "backbone.int8.onnx"
 CALIBRATION_NAME = "calibration.json"
 CALIBRATION_REJECTED_NAME = "calibration.rejected.json"  # the report of a calibration that failed --max-drop
+TASK_FREE_RECORD = "task_free.json"
 
 log = logging.getLogger("pah_edge")
 
@@ -106,6 +111,8 @@ class TaskRecord:
     created: str
     bytes: int
     source: str  # "workstation" (exported) or "device" (learned on the device)
+    stats_file: str | None = None  # the task-free statistics; None for tasks registered before they existed
+    stats_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "class_names": list(self.class_names)}
@@ -115,7 +122,8 @@ class TaskRecord:
         try:
             record = cls(name=d["name"], class_names=tuple(d["class_names"]), file=d["file"], sha256=d["sha256"],
                          images_seen=int(d["images_seen"]), accuracy=d["accuracy"], created=d["created"],
-                         bytes=int(d["bytes"]), source=d["source"])
+                         bytes=int(d["bytes"]), source=d["source"], stats_file=d.get("stats_file"),
+                         stats_sha256=d.get("stats_sha256"))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"a task entry in {REGISTRY_PATH} is malformed ({exc!r}); "
                               "restore the file or re-export the bundle") from None
@@ -297,12 +305,59 @@ class Bundle:
         self._check_prototypes(prototypes, len(record.class_names))
         return prototypes
 
-    def add_task(self, *, name: str, class_names, prototypes: np.ndarray, images_seen: int,
-                 accuracy: float | None, source: str, replace: bool = False) -> TaskRecord:
-        """Store a task's prototypes and register it; ``replace`` overwrites a task of the same name.
+    def load_task_stats(self, record: TaskRecord) -> TaskStats:
+        """The task's task-free statistics after checking their SHA-256; BundleError names the fix."""
+        fix = f"add them again with `pah-edge task-stats {self.path} --images DIR` or learn task {record.name!r} again"
+        if record.stats_file is None:
+            raise BundleError(f"task {record.name!r} has no task-free statistics (registered before they existed); {fix}")
+        file = self._task_file(record, record.stats_file)
+        return TaskStats.from_npz(_load_checked_npz(file, record.stats_sha256, fix))
 
-        The npz is written (atomically) before the registry, so a crash in between leaves an orphan
-        file, never a registry entry without its file.
+    def shared_stats(self) -> SharedStats | None:
+        """The bundle's shared task-free state, or None for a bundle exported before it existed."""
+        record_path = self.path / TASK_FREE_RECORD
+        if not record_path.is_file():
+            return None
+        fix = f"write it again with `pah-edge task-stats {self.path} --images DIR` (or re-export the bundle)"
+        record = _read_json(record_path, fix=fix)
+        if not isinstance(record, dict) or not isinstance(record.get("file"), str) or "/" in record["file"]:
+            raise BundleError(f"{record_path} is not a task-free record; {fix}")
+        try:
+            return SharedStats.from_npz(_load_checked_npz(self.path / record["file"], record.get("sha256"), fix))
+        except (KeyError, ValueError) as exc:
+            raise BundleError(f"{record['file']} lacks {exc}; {fix}") from None
+
+    def write_shared_stats(self, shared: SharedStats) -> None:
+        """Install the shared task-free state: its content-named file first, then the record naming it."""
+        data = shared.to_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        name = f"task_free.{sha[:12]}.npz"
+        atomic_write_bytes(self.path / name, data)
+        atomic_write_json(self.path / TASK_FREE_RECORD, {"file": name, "sha256": sha, "created": utc_now(),
+                                                          "images": shared.count, "threshold": shared.threshold,
+                                                          "unknown_rate": shared.unknown_rate})
+        for old in self.path.glob("task_free.*.npz"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def set_task_stats(self, name: str, stats: TaskStats) -> TaskRecord:
+        """Give a registered task (new) task-free statistics; its prototypes are untouched."""
+        record = self.task(name)
+        stats_file, stats_sha = self._write_stats(record.file, stats, taken=set())
+        updated = dataclasses.replace(record, stats_file=stats_file, stats_sha256=stats_sha)
+        self._write_registry([updated if r.name == name else r for r in self.tasks()])
+        if record.stats_file not in (None, stats_file):
+            self._task_file(record, record.stats_file).unlink(missing_ok=True)
+        return updated
+
+    def add_task(self, *, name: str, class_names, prototypes: np.ndarray, images_seen: int,
+                 accuracy: float | None, source: str, replace: bool = False,
+                 stats: TaskStats | None = None) -> TaskRecord:
+        """Store a task's prototypes (and task-free ``stats``) and register it; ``replace`` overwrites
+        a task of the same name.
+
+        The npz files are written (atomically) before the registry, so a crash in between leaves
+        orphan files, never a registry entry without its files.
         """
         validate_task_name(name)
         class_names = tuple(str(c) for c in class_names)
@@ -323,23 +378,28 @@ class Bundle:
         sha = hashlib.sha256(data).hexdigest()
         file = self._free_task_file(name, sha, taken={r.file for r in records})
         atomic_write_bytes(self.path / file, data)
+        stats_file, stats_sha = self._write_stats(file, stats, taken={r.stats_file for r in records}) \
+            if stats is not None else (None, None)
         record = TaskRecord(name=name, class_names=class_names, file=file, sha256=sha, images_seen=int(images_seen),
                             accuracy=None if accuracy is None else float(accuracy), created=utc_now(),
-                            bytes=len(data), source=source)
+                            bytes=len(data), source=source, stats_file=stats_file, stats_sha256=stats_sha)
         if old is None:
             records.append(record)
         else:
             records = [record if r.name == name else r for r in records]
         self._write_registry(records)
-        if old is not None and old.file != file:
-            (self.path / old.file).unlink(missing_ok=True)
+        if old is not None:
+            for old_file in {old.file, old.stats_file} - {file, stats_file, None}:
+                (self.path / old_file).unlink(missing_ok=True)
         return record
 
     def remove_task(self, name: str) -> None:
-        """Unregister a task, then delete its file (a crash in between leaves only an orphan file)."""
+        """Unregister a task, then delete its files (a crash in between leaves only orphan files)."""
         record = self.task(name)
         self._write_registry([r for r in self.tasks() if r.name != name])
-        self._task_file(record).unlink(missing_ok=True)
+        for file in (record.file, record.stats_file):
+            if file is not None:
+                self._task_file(record, file).unlink(missing_ok=True)
 
     def rename_task(self, old: str, new: str) -> None:
         """Rename a task in the registry; its file keeps its name (the registry maps names to files)."""
@@ -368,11 +428,21 @@ class Bundle:
         if not np.isfinite(prototypes).all():
             raise BundleError("prototypes contain NaN or infinity; learn the task again")
 
-    def _task_file(self, record: TaskRecord) -> Path:
+    def _write_stats(self, task_file: str, stats: TaskStats, *, taken: set) -> tuple[str, str]:
+        """Write ``stats`` beside the task's prototypes file; (its path in the bundle, SHA-256)."""
+        data = stats.to_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        stem = task_file.removesuffix(".npz")
+        file = next(f for f in (f"{stem}.stats.npz", f"{stem}.stats.{sha[:12]}.npz") if f not in taken)
+        atomic_write_bytes(self.path / file, data)
+        return file, sha
+
+    def _task_file(self, record: TaskRecord, file: str | None = None) -> Path:
         # The registry is user-editable: never follow a name out of tasks/.
-        relative = Path(record.file)
+        file = record.file if file is None else file
+        relative = Path(file)
         if relative.parent != Path("tasks") or relative.name in ("", ".", "..") or relative.is_absolute():
-            raise BundleError(f"task {record.name!r} points outside tasks/ ({record.file!r}); "
+            raise BundleError(f"task {record.name!r} points outside tasks/ ({file!r}); "
                               "restore tasks/registry.json or re-export the bundle")
         return self.path / relative
 
@@ -384,7 +454,7 @@ class Bundle:
         return next(free, candidates[1])
 
     def _remove_orphans(self) -> None:
-        referenced = {r.file for r in self.tasks()}
+        referenced = {f for r in self.tasks() for f in (r.file, r.stats_file)}
         for file in (self.path / "tasks").glob("*"):
             orphan = file.suffix == ".npz" and f"tasks/{file.name}" not in referenced
             if orphan or (file.name.startswith(".") and file.name.endswith(".tmp")):
@@ -394,6 +464,17 @@ class Bundle:
     def _write_registry(self, records: list[TaskRecord]) -> None:
         atomic_write_json(self.path / REGISTRY_PATH,
                           {"format_version": REGISTRY_FORMAT_VERSION, "tasks": [r.to_dict() for r in records]})
+
+
+def _load_checked_npz(file: Path, sha256: str | None, fix: str) -> dict[str, np.ndarray]:
+    """The arrays of ``file`` after checking its SHA-256; BundleError (naming ``fix``) if missing or corrupt."""
+    if not file.is_file():
+        raise BundleError(f"{file.name} is missing from {file.parent}; {fix}")
+    data = file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise BundleError(f"{file.name} does not match its SHA-256 (changed or corrupt); {fix}")
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
 
 
 def _read_json(path: Path, *, fix: str) -> Any:

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from pah_edge.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT_PER_CLASS
 from pah_edge.errors import PahEdgeError
+from pah_edge.task_free import STATS_PER_CLASS
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -132,22 +133,25 @@ ENGINE_PRECISIONS = ("fp16", "fp32", "int8")
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     bundle: Path = typer.Option(Path("bundle"), help="Bundle directory written by `pah-edge export`."),
-    task: Optional[str] = typer.Option(None, help="Predict this task's classes (default: the only or the newest task)."),
-    any_task: bool = typer.Option(False, "--any-task", help="Score every task; keep the (task, class) of highest confidence."),
+    task: Optional[str] = typer.Option(None, help="Only this task's classes, with its generated head (default: every task)."),
+    any_task: bool = typer.Option(False, "--any-task", help="Every task (the default; kept as an alias)."),
+    novelty_threshold: Optional[float] = typer.Option(None, help="Novelty above which an image is unknown (default: the bundle's)."),
     runtime: str = typer.Option("auto", help="auto (TensorRT engine if built, else ONNX Runtime), tensorrt, onnxruntime."),
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
     batch_size: int = typer.Option(32, help="Images per backbone call."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON list of {path, task, label, confidence}."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON list of {path, task, label, confidence, novelty, known}."),
 ):
-    """Predict the class of each image with a bundle's tasks: `path  task/label  confidence`."""
+    """Predict each image's task and class over every task, or say it is unknown: `path  task/label  confidence  novelty`."""
     import json
 
     from pah_edge.bundle import Bundle
-    from pah_edge.device.predict import Predictor, check_task_choice
+    from pah_edge.device.predict import Predictor
+    from pah_edge.errors import ConfigError
 
-    check_task_choice(task, any_task)  # before the runtimes start
+    if task is not None and any_task:
+        raise ConfigError("give --task NAME or --any-task, not both")
     with Predictor(Bundle.open(bundle), runtime=runtime, precision=precision) as predictor:
-        results = predictor.predict(images, task=task, any_task=any_task, batch_size=batch_size)
+        results = predictor.predict(images, task=task, batch_size=batch_size, novelty_threshold=novelty_threshold)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     else:
@@ -156,9 +160,14 @@ def predict(
 
 
 def _prediction_lines(results: list[dict]) -> list[str]:
-    """``path  task/label  97.1%`` per result, columns aligned."""
-    return _aligned([(r["path"], f"{r['task']}/{r['label']}", f"{100 * r['confidence']:.1f}%") for r in results],
-                    right={2})
+    """``path  task/label  97.1%  novelty 0.52`` (or ``unknown``) per result, columns aligned."""
+    def answer(r):
+        return "unknown" if r["known"] is False and r["task"] is None else f"{r['task']}/{r['label']}"
+
+    def novelty(r):
+        return "" if r["novelty"] is None else f"novelty {r['novelty']:.2f}" + (" (unknown)" if r["known"] is False
+                                                                                and r["task"] is not None else "")
+    return _aligned([(r["path"], answer(r), f"{100 * r['confidence']:.1f}%", novelty(r)) for r in results], right={2})
 
 
 def _aligned(rows: list[tuple[str, ...]], right: set[int] = frozenset()) -> list[str]:
@@ -274,9 +283,10 @@ def _print_demo_summary(s: dict, out: Path) -> None:
         f"held-out digits, --task {new['name']}: {held('digits_with_task')} "
         f"(nearest class mean on the same features: {held('digits_nearest_class_mean')})",
         f"held-out clothes, their task given: {held('fashion_with_task')}",
-        f"--any-task (highest confidence over all tasks): digits {held('digits_any_task')}, "
-        f"clothes {held('fashion_any_task')}",
-        "examples (--any-task):",
+        f"task-free (no task given, over all {s['base']['tasks'] + 1} tasks): digits {held('digits_task_free')}, "
+        f"clothes {held('fashion_task_free')}; called unknown: digits {pct(s['unknown_rate']['digits'])}, "
+        f"clothes {pct(s['unknown_rate']['fashion'])}",
+        "examples (task-free):",
         *(f"  {line}" for line in _prediction_lines(s["examples"])),
         "seconds per stage: " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in s["seconds"].items()),
         f"summary -> {out / 'summary.json'}",
@@ -297,8 +307,9 @@ def export(
     images: Optional[Path] = typer.Option(None, help="Folder of images; its first 16 join the parity check."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle in --out (and its tasks)."),
     engine: Optional[str] = typer.Option(None, help="Also build a TensorRT engine: fp16, fp32 or int8 (needs TensorRT and a GPU)."),
+    stats_per_class: int = typer.Option(STATS_PER_CLASS, help="Images per class of the run's data for the task-free statistics."),
 ):
-    """Export a trained run as a bundle: ONNX graphs checked against PyTorch, manifest, task registry."""
+    """Export a trained run as a bundle: ONNX graphs checked against PyTorch, manifest, task registry, task-free statistics."""
     from pah_edge.errors import ConfigError
 
     if engine is not None and engine not in ENGINE_PRECISIONS:
@@ -319,13 +330,44 @@ def export(
         checkpoint = newest_run(runs_dir, backbone)
         typer.echo(f"using {checkpoint}, the newest {canonical_backbone_name(backbone)} run")
     report = export_bundle(checkpoint, out, opset=opset, simplify=simplify, images=images, force=force,
-                           backbone=backbone)
+                           backbone=backbone, stats_per_class=stats_per_class, progress=True)
     _print_export_report(report)
     if engine is not None:
         from pah_edge.export.tensorrt_build import build_engines
 
         for path in build_engines(out, precision=engine):
             typer.echo(f"engine -> {path}")
+
+
+@app.command("task-stats")
+@user_errors
+def task_stats(
+    bundle: Path = typer.Argument(..., help="Bundle directory written by `pah-edge export`."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The run the bundle was exported from: its data gives the workstation tasks' statistics (needs pah-edge[train])."),
+    images: Optional[Path] = typer.Option(None, help="Labelled images of the bundle's tasks: DIR/<task>/<class>/*."),
+    stats_per_class: int = typer.Option(STATS_PER_CLASS, help="With --checkpoint: images per class of the run's data."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars (on stderr)."),
+):
+    """Add task-free statistics (and the novelty threshold) to a bundle exported before they existed."""
+    from pah_edge.bundle import Bundle
+    from pah_edge.device.learner import LOCK_WAIT_S
+    from pah_edge.device.task_stats import install_task_free, task_features_from_folder
+    from pah_edge.errors import ConfigError
+
+    if (checkpoint is None) == (images is None):
+        raise ConfigError("give --checkpoint RUN_DIR (the run the bundle came from) or --images DIR/<task>/<class>/*")
+    opened = Bundle.open(bundle)
+    if checkpoint is not None:
+        from pah_edge.export.task_free_data import checkpoint_task_features
+
+        features = checkpoint_task_features(opened, checkpoint, per_class=stats_per_class, progress=progress)
+    else:
+        features = task_features_from_folder(opened, images, progress=progress)
+    with opened.lock(LOCK_WAIT_S):
+        report = install_task_free(opened, features)
+    typer.echo(f"task-free statistics for {', '.join(report['tasks'])} from {report['images']} images; novelty "
+               f"threshold {report['threshold']:.3f} calls {100 * report['unknown_rate']:.0f} % of "
+               f"{report['held_out_images']} held-out images unknown")
 
 
 from pah_edge.calibration.calibrate import DEFAULT_MAX_DROP, DEFAULT_SAMPLES  # noqa: E402 (light: no onnx)

@@ -89,7 +89,10 @@ def run_demo(out: Path, *, epochs: int = DEFAULT_EPOCHS, limit_per_class: int = 
                      "process_peak_rss_mb": learned["peak_rss_mb"]},
         "old_tasks_unchanged": all(bundle.task(name).sha256 == sha for name, sha in old_tasks.items()),
         "held_out": _accuracies(predictions, held_out, _true_task_rule(bundle)),
-        "examples": _examples(predictions["any_task"], held_out),
+        # Task-free answers that said "unknown" (a held-out image of a learned class called new).
+        "unknown_rate": {source: float(np.mean([p["known"] is False for p in predictions["task_free"]
+                                                if _source(p, held_out) == source])) for source in ("digits", "fashion")},
+        "examples": _examples(predictions["task_free"], held_out),
         "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
     }
     atomic_write_json(out / "summary.json", summary)
@@ -171,14 +174,15 @@ def _train_base(run_dir: Path, *, epochs: int, limit_per_class: int, progress: b
 
 def _predict_held_out(predictor, held_out: list[HeldOut], new_images: Path) -> dict[str, list[dict]]:
     """Predictions of the held-out images: with their true task given (task-incremental, as PAH is
-    evaluated), with --any-task, and the nearest-class-mean yardstick for the digits."""
+    evaluated), task-free (no task given, as a camera predicts), and the nearest-class-mean
+    yardstick for the digits."""
     true_task = _true_task_rule(predictor.bundle)
     with_task = []
     for task in dict.fromkeys(map(true_task, held_out)):  # each task once, in order
         with_task += predictor.predict([h.path for h in held_out if true_task(h) == task], task=task)
     digits = [h for h in held_out if h.source == "digits"]
     return {"with_task": with_task,
-            "any_task": predictor.predict([h.path for h in held_out], any_task=True),
+            "task_free": predictor.predict([h.path for h in held_out]),
             "nearest_class_mean": _nearest_class_mean(predictor, new_images, digits)}
 
 
@@ -226,9 +230,12 @@ def _accuracies(predictions: dict[str, list[dict]], held_out: list[HeldOut], tru
     return result
 
 
-def _examples(any_task: list[dict], held_out: list[HeldOut]) -> list[dict]:
-    """A few --any-task predictions per source, from different classes."""
-    source = {str(h.path): h.source for h in held_out}
+def _source(prediction: dict, held_out: list[HeldOut]) -> str:
+    return next(h.source for h in held_out if str(h.path) == prediction["path"])
+
+
+def _examples(task_free: list[dict], held_out: list[HeldOut]) -> list[dict]:
+    """A few task-free predictions per source, from different classes."""
     stride = HELD_OUT_PER_CLASS + 1  # steps to the next class and one image further
-    by_source = {s: [p for p in any_task if source[p["path"]] == s] for s in ("digits", "fashion")}
+    by_source = {s: [p for p in task_free if _source(p, held_out) == s] for s in ("digits", "fashion")}
     return [p for predictions in by_source.values() for p in predictions[::stride][:EXAMPLES]]

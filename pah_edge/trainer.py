@@ -59,15 +59,19 @@ def run_training(cfg: RunConfig, out_dir: Path, *, resume: bool = False, show_pr
         cfg.model, backbone=canonical_backbone_name(cfg.model.backbone))))
     _refuse_to_overwrite(out_dir, resume)  # before minutes of data loading
     preprocess = Preprocess(image_size=cfg.model.image_size)
+    tasks = load_tasks(cfg, preprocess, cfg.data.limit_per_class)
+    return train_continual(cfg, tasks, preprocess, out_dir, resume=resume, show_progress=show_progress)
+
+
+def load_tasks(cfg: RunConfig, preprocess: Preprocess, limit_per_class: int | None) -> list[Task]:
+    """The tasks of ``cfg``'s data (folder or benchmark), at most ``limit_per_class`` images per class and split."""
     data = cfg.data
     if data.folder is not None:
-        tasks = load_image_folder(data.folder, preprocess=preprocess, limit_per_class=data.limit_per_class,
-                                  seed=cfg.train.seed, val_fraction=data.val_fraction)
-    else:
-        tasks = load_benchmark(data.benchmark, preprocess=preprocess, data_dir=data.data_dir, num_tasks=data.num_tasks,
-                               classes_per_task=data.classes_per_task, limit_per_class=data.limit_per_class,
-                               seed=cfg.train.seed, val_fraction=data.val_fraction, download=data.download)
-    return train_continual(cfg, tasks, preprocess, out_dir, resume=resume, show_progress=show_progress)
+        return load_image_folder(data.folder, preprocess=preprocess, limit_per_class=limit_per_class,
+                                 seed=cfg.train.seed, val_fraction=data.val_fraction)
+    return load_benchmark(data.benchmark, preprocess=preprocess, data_dir=data.data_dir, num_tasks=data.num_tasks,
+                          classes_per_task=data.classes_per_task, limit_per_class=limit_per_class,
+                          seed=cfg.train.seed, val_fraction=data.val_fraction, download=data.download)
 
 
 def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, out_dir: Path, *,

@@ -112,7 +112,8 @@ def test_invalid_task_names_are_refused(bundle_dir, name):
         validate_task_name(name)
     with pytest.raises(BundleError, match="invalid task name"):
         _add(Bundle.open(bundle_dir), name)
-    assert sorted(p.name for p in (bundle_dir / "tasks").iterdir()) == ["a.npz", "b.npz", "registry.json"]
+    assert sorted(p.name for p in (bundle_dir / "tasks").iterdir()) == [
+        "a.npz", "a.stats.npz", "b.npz", "b.stats.npz", "registry.json"]
 
 
 def test_duplicates_and_bad_prototypes_are_refused(bundle_dir):

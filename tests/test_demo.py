@@ -29,12 +29,14 @@ def test_every_stage_runs_and_the_summary_adds_up(tiny_demo, tmp_path):
     assert summary["base"]["tasks"] == 5 and summary["export"]["parity_ok"] and summary["old_tasks_unchanged"]
     assert summary["new_task"]["classes"] == 10 and 0 <= summary["new_task"]["val_accuracy"] <= 1
     assert {k: v["images"] for k, v in summary["held_out"].items()} == {
-        "digits_with_task": 50, "fashion_with_task": 50, "digits_any_task": 50, "fashion_any_task": 50,
+        "digits_with_task": 50, "fashion_with_task": 50, "digits_task_free": 50, "fashion_task_free": 50,
         "digits_nearest_class_mean": 50}
     assert len(summary["examples"]) == 6 and len({e["path"].split("/")[-2] for e in summary["examples"]}) == 6
+    assert set(summary["unknown_rate"]) == {"digits", "fashion"}
+    assert all(0 <= rate <= 1 for rate in summary["unknown_rate"].values())
     assert list(summary["seconds"]) == ["images", "train", "export", "learn", "predict", "total"]
     for text in ("export: parity with PyTorch OK", "new task 'digits' learned", "held-out clothes, their task given",
-                 "examples (--any-task):", "seconds per stage: images"):
+                 "examples (task-free):", "called unknown: digits", "seconds per stage: images"):
         assert text in result.stdout, text
     tasks = Bundle.open(out / "bundle").tasks()
     assert [t.name for t in tasks][-1] == "digits" and len(tasks) == 6

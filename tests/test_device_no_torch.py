@@ -65,13 +65,18 @@ def test_learn_task_predict_and_tasks_run_without_torch(made):
     report = json.loads(cli("learn-task", new_task, "--bundle", bundle_dir, "--runtime", "onnxruntime-cpu",
                             "--no-progress", "--json"))
     assert report["name"] == "pairs" and report["classes"] == ["digit1", "digit7"]
+    assert report["stats_bytes_stored"] > 0  # the task joins task-free prediction
 
-    predictions = json.loads(cli("predict", query, "--bundle", bundle_dir, "--any-task", "--json"))
+    # Task-free (no --task): every task, with novelty; --novelty-threshold 1e9 makes every image known.
+    predictions = json.loads(cli("predict", query, "--bundle", bundle_dir, "--novelty-threshold", "1e9", "--json"))
     with Predictor(Bundle.open(bundle_dir), runtime="onnxruntime-cpu") as predictor:  # torch is importable here
-        expected = predictor.predict([query], any_task=True)
+        expected = predictor.predict([query], novelty_threshold=1e9)
     assert [p["path"] for p in predictions] == [str(query / f) for f in QUERY_FILES]
-    assert [(p["task"], p["label"]) for p in predictions] == [(p["task"], p["label"]) for p in expected]
+    assert [(p["task"], p["label"], p["known"]) for p in predictions] == [
+        (p["task"], p["label"], p["known"]) for p in expected]
+    assert {p["task"] for p in predictions} <= {"a", "b", "c", "pairs"}
     np.testing.assert_allclose([p["confidence"] for p in predictions], [p["confidence"] for p in expected], rtol=1e-5)
+    np.testing.assert_allclose([p["novelty"] for p in predictions], [p["novelty"] for p in expected], rtol=1e-4)
 
     listed = json.loads(cli("tasks", "--bundle", bundle_dir, "--json"))
     assert [t["name"] for t in listed] == ["a", "b", "c", "pairs"] and listed[-1]["source"] == "device"

@@ -171,7 +171,7 @@ def test_old_tasks_stay_bit_identical(bundle_dir, new_task, exported, mnist_digi
         assert np.array_equal(logits, after[name]), f"task {name!r} changed"
         assert (bundle_dir / f"tasks/{name}.npz").read_bytes() == files_before[name]
     assert [t.to_dict() for t in Bundle.open(bundle_dir).tasks()][:2] == entries_before
-    assert _tree(bundle_dir).keys() - _tree(exported).keys() == {"tasks/digits.npz"}
+    assert _tree(bundle_dir).keys() - _tree(exported).keys() == {"tasks/digits.npz", "tasks/digits.stats.npz"}
 
 
 def test_replace_overwrites_the_task(bundle_dir, new_task):
@@ -182,7 +182,9 @@ def test_replace_overwrites_the_task(bundle_dir, new_task):
     report = learn_task(bundle, new_task, name="digits", progress=False, replace=True)
     assert [t.name for t in bundle.tasks()] == ["a", "b", "digits"] and report["steps"] > 3
     stored = sorted(f"tasks/{p.name}" for p in (bundle_dir / "tasks").glob("*.npz"))
-    assert stored == ["tasks/a.npz", "tasks/b.npz", bundle.task("digits").file]  # the replaced file is gone
+    digits = bundle.task("digits")
+    assert stored == sorted(["tasks/a.npz", "tasks/a.stats.npz", "tasks/b.npz", "tasks/b.stats.npz", digits.file,
+                             digits.stats_file])  # the replaced files are gone
 
 
 # --- the parts --------------------------------------------------------------------------------------
@@ -308,7 +310,8 @@ def test_lock_waits_then_reports_busy_and_removes_orphans(bundle_dir):
     (bundle_dir / "tasks" / "crashed.npz").write_bytes(b"orphan of a kill -9 before its registry entry")
     (bundle_dir / "tasks" / ".registry.json.x1y2.tmp").write_bytes(b"torn")
     with bundle.lock(0):
-        assert sorted(p.name for p in (bundle_dir / "tasks").iterdir()) == ["a.npz", "b.npz", "registry.json"]
+        assert sorted(p.name for p in (bundle_dir / "tasks").iterdir()) == [
+            "a.npz", "a.stats.npz", "b.npz", "b.stats.npz", "registry.json"]
         start = time.monotonic()
         with pytest.raises(BundleError, match="is busy .* try again when it finishes"):
             with Bundle.open(bundle_dir).lock(0.3):
@@ -425,7 +428,7 @@ def test_unreadable_images_are_skipped_with_a_counted_warning(bundle_dir, new_ta
     assert "skipped 3 unreadable image(s) (digit5/garbage.png, digit6/truncated.png, digit7/huge.png) of 203" in warning
     assert "above 50 megapixels" in warning
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("learned 'photos': 5 classes, 160 train / 40 val images, train ") and "bytes stored" in last
+    assert last.startswith("learned 'photos': 5 classes, 160 train / 40 val images, train ") and "bytes of prototypes + " in last
     assert Bundle.open(bundle_dir).task("photos").images_seen == 200
 
 

@@ -87,8 +87,9 @@ def test_json_output_for_a_file_and_a_folder(bundle_dir, query):
     assert [p["path"] for p in predictions] == [str(query / "six" / "0.png"), *(str(query / f) for f in QUERY_FILES)]
     classes = Bundle.open(bundle_dir).task("c").class_names
     for p in predictions:
-        assert set(p) == {"path", "task", "label", "confidence"}
+        assert set(p) == {"path", "task", "label", "confidence", "novelty", "known"}
         assert p["task"] == "c" and p["label"] in classes and 0.0 <= p["confidence"] <= 1.0
+        assert isinstance(p["novelty"], float) and isinstance(p["known"], bool)
 
 
 def test_labels_and_confidences_match_the_graphs_by_hand(bundle_dir, query):
@@ -104,45 +105,79 @@ def test_labels_and_confidences_match_the_graphs_by_hand(bundle_dir, query):
         assert set(predictor.heads) == {"a", "b", "c"}
         assert predictor.heads["c"].shape == (4, bundle.feature_dim) and predictor.heads["c"].dtype == np.float32
 
-        # --any-task: the (task, class) of the highest confidence over all tasks.
-        confidences = {t: _by_hand(bundle_dir, files, t) for t in ("a", "b", "c")}
-        best = [max(confidences, key=lambda t: confidences[t][i].max()) for i in range(len(files))]
-        predictions = predictor.predict(files, any_task=True)
-        assert [p["task"] for p in predictions] == best
-        assert [p["label"] for p in predictions] == [
-            bundle.task(t).class_names[confidences[t][i].argmax()] for i, t in enumerate(best)]
 
 
-def test_the_default_task_is_the_only_or_the_newest_one(bundle_dir, query, caplog):
+def _task_free_by_hand(bundle_dir: Path, files: list[Path]) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """((task, label) per file, novelty) from the stored statistics, written out from the module's docstring."""
     bundle = Bundle.open(bundle_dir)
-    file = query / "top.png"
-    with Predictor(bundle, runtime="onnxruntime-cpu") as predictor, caplog.at_level(logging.INFO, "pah_edge"):
-        # a and b were exported in the same second as or before c; c was registered last.
-        assert [p["task"] for p in predictor.predict([file])] == ["c"]
-        assert "using task 'c', the newest of 3" in caplog.text
-        bundle.remove_task("a")
-        bundle.remove_task("c")
-        caplog.clear()
-        assert [p["task"] for p in predictor.predict([file])] == ["b"]
-        assert "using task" not in caplog.text  # one task: nothing to explain
+    images = to_input(np.stack([load_image(f, bundle.preprocess) for f in files]), bundle.preprocess)
+    feats = ort.InferenceSession(str(bundle.graph_path("backbone"))).run(["features"], {"images": images})[0]
+    shared = np.load(bundle_dir / json.loads((bundle_dir / "task_free.json").read_text())["file"])
+    mean, scatter, count = shared["mean"].astype(np.float64), shared["scatter"].astype(np.float64), int(shared["count"])
+    means, names = [], []
+    for record in bundle.tasks():
+        stats = np.load(bundle_dir / record.stats_file)
+        factor = stats["factor"].astype(np.float64)
+        scatter = scatter + factor.T @ factor + float(stats["residual"]) * np.eye(len(mean))
+        count += int(stats["counts"].sum())
+        means.append(stats["means"].astype(np.float64))
+        names += [(record.name, c) for c in record.class_names]
+    covariance = scatter / count
+    covariance = 0.95 * covariance + 0.05 * np.trace(covariance) / len(mean) * np.eye(len(mean))
+    z = np.sign(feats) * np.sqrt(np.abs(feats))
+    z = z / np.linalg.norm(z, axis=1, keepdims=True) - mean
+    mu = np.concatenate(means) - mean
+    distances = np.stack([np.einsum("nd,nd->n", (z - m) @ np.linalg.inv(covariance), z - m) for m in mu], 1)
+    return [names[k] for k in distances.argmin(1)], distances.min(1) / len(mean)
 
 
-def test_task_any_task_and_default_from_the_cli(bundle_dir, query):
-    def tasks_of(*flags):
-        result = _cli("predict", query, "--bundle", bundle_dir, "--json", *flags)
+def test_task_free_prediction_matches_the_discriminant_by_hand(bundle_dir, query):
+    files = [query / f for f in QUERY_FILES]
+    expected, novelty = _task_free_by_hand(bundle_dir, files)
+    threshold = json.loads((bundle_dir / "task_free.json").read_text())["threshold"]
+    with Predictor(Bundle.open(bundle_dir), runtime="onnxruntime-cpu") as predictor:
+        predictions = predictor.predict(files, batch_size=3)
+    np.testing.assert_allclose([p["novelty"] for p in predictions], novelty, rtol=1e-3, atol=1e-3)
+    for p, (task, label), n in zip(predictions, expected, novelty):
+        assert p["known"] == (n <= threshold)
+        assert (p["task"], p["label"]) == ((task, label) if p["known"] else (None, None))
+        assert 0.0 <= p["confidence"] <= 1.0
+
+
+def test_task_given_results_are_those_of_the_generated_head_whatever_the_statistics(bundle_dir, query):
+    files = [query / f for f in QUERY_FILES]
+    with Predictor(Bundle.open(bundle_dir), runtime="onnxruntime-cpu") as predictor:
+        before = predictor.predict(files, task="c")
+        (bundle_dir / "task_free.json").unlink()  # a bundle exported before the statistics existed
+        after = predictor.predict(files, task="c")
+    assert [(p["label"], p["confidence"]) for p in before] == [(p["label"], p["confidence"]) for p in after]
+    assert {p["task"] for p in after} == {"c"} and {p["novelty"] for p in after} == {None}
+
+
+def test_every_task_answers_without_task_and_the_threshold_decides_unknown(bundle_dir, query):
+    def run(*flags):
+        result = _cli("predict", query, "--bundle", bundle_dir, *flags)
         assert result.exit_code == 0, result.output
-        return {p["task"] for p in json.loads(result.stdout)}
+        return result
 
-    assert tasks_of("--task", "a") == {"a"}
-    assert tasks_of() == {"c"}
-    assert tasks_of("--any-task") <= {"a", "b", "c"}
+    assert {p["task"] for p in json.loads(run("--json").stdout)} <= {"a", "b", "c", None}
+    assert run("--json").stdout == run("--json", "--any-task").stdout  # the alias
+    known = json.loads(run("--json", "--novelty-threshold", "1e9").stdout)
+    assert all(p["known"] and p["task"] in ("a", "b", "c") for p in known)
+    unknown = json.loads(run("--json", "--novelty-threshold", "-1e9").stdout)
+    assert all(not p["known"] and p["task"] is None and p["label"] is None for p in unknown)
+    lines = run("--novelty-threshold", "-1e9").stdout.splitlines()
+    assert len(lines) == len(QUERY_FILES) and all(line.split()[1] == "unknown" for line in lines)
 
+
+def test_task_from_the_cli(bundle_dir, query):
     result = _cli("predict", query / "six", "--bundle", bundle_dir, "--task", "c")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith(str(query / "six" / "0.png"))
-    path, name, confidence = lines[0].split()
+    path, name, confidence, *novelty = lines[0].split()
     assert name.startswith("c/digit") and confidence.endswith("%") and 0 <= float(confidence[:-1]) <= 100
+    assert novelty[0] == "novelty" and float(novelty[1]) >= 0
 
 
 def test_unreadable_images_are_skipped_with_one_warning(bundle_dir, query, tmp_path, caplog):
@@ -158,8 +193,6 @@ def test_unreadable_images_are_skipped_with_one_warning(bundle_dir, query, tmp_p
         (tmp_path / "texts" / "notes.txt").write_text("no image")
         with pytest.raises(DataError, match="no images"):
             predictor.predict([tmp_path / "texts"])
-        with pytest.raises(ConfigError, match="not both"):
-            predictor.predict([query], task="a", any_task=True)
         with pytest.raises(BundleError, match="no task 'zz' .*registered tasks: a, b, c"):
             predictor.predict([query], task="zz")
 

@@ -115,7 +115,7 @@ def test_main_job_runs_end_to_end(tmp_path):
     assert "Traceback" not in output
     for text in ("base PAH (mobilenet_v3_small, 5 Split-Fashion-MNIST tasks): average accuracy",
                  "export: parity with PyTorch OK", "new task 'digits' learned", "old tasks unchanged: yes",
-                 "examples (--any-task):", "seconds per stage: images"):
+                 "examples (task-free):", "called unknown:", "seconds per stage: images"):
         assert text in result.stdout, text
     summary = json.loads((out / "summary.json").read_text())
     assert [len(row) for row in json.loads((out / "run" / "metrics.json").read_text())["acc_matrix"]] == [1, 2, 3, 4, 5]

@@ -2,7 +2,8 @@
 
 tiny_cnn trained for 1 epoch on real digits: workstation tasks "a" (digits 0-2) and "b" (3-5),
 then a device task "c" (6-9) registered directly, its prototypes fitted by plain gradient descent
-on the bundle's own learner-step graph (no learner needed). Class names are folder names "digitN".
+on the bundle's own learner-step graph (no learner needed), with its task-free statistics. Class
+names are folder names "digitN".
 """
 
 from pathlib import Path
@@ -32,18 +33,21 @@ def export_tiny_run(root: Path, digits: dict, layout: dict, *, per_class: int, e
 def make_tiny_bundle(root: Path, digits: dict) -> Path:
     """Train, export and extend a bundle under ``root``; returns the bundle directory."""
     from pah_edge.bundle import Bundle
+    from pah_edge.task_free import task_stats
 
     export_tiny_run(root, digits, LAYOUT, per_class=20)
     bundle = Bundle.open(root / "bundle")
     name, classes = DEVICE_TASK
-    prototypes, accuracy = _fit_prototypes(bundle, [digits[d][:30] for d in classes])
+    prototypes, accuracy, features, labels = _fit_prototypes(bundle, [digits[d][:30] for d in classes])
     bundle.add_task(name=name, class_names=[f"digit{d}" for d in classes], prototypes=prototypes,
-                    images_seen=30 * len(classes), accuracy=accuracy, source="device")
+                    images_seen=30 * len(classes), accuracy=accuracy, source="device",
+                    stats=task_stats(features, labels, len(classes)))
     return bundle.path
 
 
 def _fit_prototypes(bundle, per_class: list[np.ndarray], steps: int = 100, lr: float = 100.0):
-    """(prototypes float32 [C, 1, s, s], train accuracy): gradient descent from small random values."""
+    """(prototypes float32 [C, 1, s, s], train accuracy, features, labels): gradient descent from small
+    random values."""
     import onnxruntime as ort
 
     from pah_edge.preprocess import to_input
@@ -59,7 +63,7 @@ def _fit_prototypes(bundle, per_class: list[np.ndarray], steps: int = 100, lr: f
         _, grad = step.run(["loss", "grad"], {"prototypes": prototypes, "features": features, "labels": labels})
         prototypes = prototypes - np.float32(lr) * grad
     head = ort.InferenceSession(str(bundle.graph_path("generator"))).run(["head"], {"prototypes": prototypes})[0]
-    return prototypes, float(((features @ head.T).argmax(1) == labels).mean())
+    return prototypes, float(((features @ head.T).argmax(1) == labels).mean()), features, labels
 
 
 def query_folder(root: Path, digits: dict) -> Path:

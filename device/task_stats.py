@@ -1,0 +1,116 @@
+"""Write a bundle's task-free statistics from labelled images of its tasks (``pah-edge task-stats``).
+
+Export calls :func:`install_task_free` with the workstation's images; ``pah-edge task-stats --images``
+adds the statistics to a bundle exported before they existed, from ``DIR/<task>/<class>/*``. Features
+come from the bundle's FP32 ONNX backbone, the one ``predict`` uses by default. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pah_edge.bundle import Bundle
+from pah_edge.device.bundle_runners import backbone_runner, features
+from pah_edge.device.images import BatchStream, check_no_class_empty, scan_class_folders, warn_skipped
+from pah_edge.device.runtimes import Runner
+from pah_edge.errors import DataError
+from pah_edge.progress import progress_bar
+from pah_edge.task_free import TaskFreeRule, UNKNOWN_RATE, with_threshold, workstation_stats
+
+log = logging.getLogger("pah_edge")
+
+BATCH = 32
+HELD_OUT_FRACTION = 0.2  # of each class's folder images, for the novelty threshold only
+
+
+@dataclass
+class TaskFeatures:
+    """A registered task's features: ``fit`` [N, D] with ``labels`` [N], ``held_out`` [M, D] (threshold)."""
+
+    name: str
+    fit: np.ndarray
+    labels: np.ndarray
+    held_out: np.ndarray
+
+
+def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *, unknown_rate: float = UNKNOWN_RATE) -> dict:
+    """Fit the shared state and every given task's statistics; write them into ``bundle``.
+
+    The novelty threshold is the one that calls ``unknown_rate`` of the held-out images unknown. The
+    caller holds the bundle's lock (or owns the bundle, as export does). Returns a small report.
+    """
+    classes = [len(bundle.task(t.name).class_names) for t in tasks]
+    shared, stats = workstation_stats([(t.fit, t.labels, c) for t, c in zip(tasks, classes)])
+    rule = TaskFreeRule(shared, list(zip([t.name for t in tasks], stats)))
+    held_out = np.concatenate([t.held_out for t in tasks])
+    shared = with_threshold(shared, rule.scores(held_out)[1], unknown_rate)
+    bundle.write_shared_stats(shared)
+    for task, task_stats in zip(tasks, stats):
+        bundle.set_task_stats(task.name, task_stats)
+    left_out = [r.name for r in bundle.tasks() if r.stats_file is None]
+    if left_out:
+        log.warning("task(s) %s have no task-free statistics and stay out of task-free prediction: give their "
+                    "images as DIR/<task>/<class>/* to `pah-edge task-stats %s --images DIR`", ", ".join(left_out),
+                    bundle.path)
+    return {"tasks": [t.name for t in tasks], "images": int(shared.count), "held_out_images": len(held_out),
+            "threshold": shared.threshold, "unknown_rate": unknown_rate}
+
+
+def features_of_arrays(runner: Runner, images_uint8: np.ndarray, bundle: Bundle) -> np.ndarray:
+    """Features [N, D] of uint8 NHWC images already at the bundle's input size."""
+    from pah_edge.preprocess import to_input
+
+    return np.concatenate([features(runner, to_input(images_uint8[i:i + BATCH], bundle.preprocess), BATCH)
+                           for i in range(0, len(images_uint8), BATCH)]) if len(images_uint8) else \
+        np.zeros((0, bundle.feature_dim), np.float32)
+
+
+def task_features_from_folder(bundle: Bundle, folder: str | Path, *, progress: bool = True) -> list[TaskFeatures]:
+    """Features of ``folder/<task>/<class>/*`` for each registered task found there, class folders
+    named as the task's classes; 20 % of each class (at least one image when it has 2) are held out."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"--images {root} is not a folder: give DIR/<task>/<class>/* for the bundle's tasks")
+    registered = {r.name: r for r in bundle.tasks()}
+    found = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name in registered]
+    if not found:
+        raise DataError(f"{root} has no folder named after a task of {bundle.path} "
+                        f"({', '.join(registered) or 'none'}): lay it out as DIR/<task>/<class>/*")
+    scans = [scan_class_folders(p) for p in found]
+    for scan in scans:
+        expected = registered[scan.root.name].class_names
+        if scan.class_names != expected:
+            raise DataError(f"{scan.root} holds classes {', '.join(scan.class_names)}, task {scan.root.name!r} has "
+                            f"{', '.join(expected)}: give one folder per class of the task, named as the class")
+    result = []
+    with backbone_runner(bundle, "onnxruntime", "fp32") as runner, \
+            progress_bar(progress, "features", sum(s.num_images for s in scans)) as advance:
+        for scan in scans:
+            items = scan.labelled()
+            feats = np.zeros((len(items), bundle.feature_dim), np.float32)
+            read = np.zeros(len(items), bool)
+            stream = BatchStream(items, bundle.preprocess, BATCH)
+            for inputs, positions in stream:
+                feats[positions], read[positions] = features(runner, inputs, BATCH), True
+                advance(len(positions))
+            labels = np.asarray([label for _, label in items], np.int64)
+            check_no_class_empty(scan, labels[read], stream.skipped)
+            warn_skipped(stream.skipped, len(items))
+            held = _held_out(labels, read, scan.class_names)
+            fit = read & ~held
+            result.append(TaskFeatures(scan.root.name, feats[fit], labels[fit], feats[held]))
+    return result
+
+
+def _held_out(labels: np.ndarray, read: np.ndarray, class_names: tuple[str, ...]) -> np.ndarray:
+    """Mask of the held-out images: per class round(20 %) of the readable ones, never the last one."""
+    held = np.zeros(len(labels), bool)
+    for label, name in enumerate(class_names):
+        members = np.flatnonzero((labels == label) & read)
+        n = min(round(HELD_OUT_FRACTION * len(members)), len(members) - 1)
+        held[np.random.default_rng(label).permutation(members)[:max(n, 0)]] = True
+    return held

@@ -1,0 +1,49 @@
+"""The workstation's images of a run's tasks as features for the bundle's task-free statistics.
+
+Export calls this for a fresh bundle; ``pah-edge task-stats --checkpoint RUN_DIR`` for a bundle
+exported before the statistics existed. Features come from the bundle's FP32 ONNX backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pah_edge.bundle import Bundle, task_name_from
+from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from pah_edge.config import RunConfig
+from pah_edge.device.bundle_runners import backbone_runner
+from pah_edge.device.task_stats import TaskFeatures, features_of_arrays
+from pah_edge.errors import CheckpointError
+from pah_edge.preprocess import Preprocess
+from pah_edge.progress import progress_bar
+from pah_edge.task_free import STATS_PER_CLASS
+from pah_edge.trainer import load_tasks
+
+
+def run_task_features(bundle: Bundle, cfg: RunConfig, preprocess: Preprocess, *,
+                      per_class: int = STATS_PER_CLASS, progress: bool = True) -> list[TaskFeatures]:
+    """Features of the run's train images (statistics) and val images (threshold) for each of its
+    tasks that ``bundle`` registers as a workstation task (matched by name)."""
+    registered = {r.name for r in bundle.tasks() if r.source == "workstation"}
+    tasks = [t for t in load_tasks(cfg, preprocess, per_class) if task_name_from(t.name) in registered]
+    result = []
+    with backbone_runner(bundle, "onnxruntime", "fp32") as runner, \
+            progress_bar(progress, "statistics", sum(len(t.train) + len(t.val) for t in tasks)) as advance:
+        for task in tasks:
+            fit = features_of_arrays(runner, task.train.images, bundle)
+            held_out = features_of_arrays(runner, task.val.images, bundle)
+            advance(len(task.train) + len(task.val))
+            result.append(TaskFeatures(task_name_from(task.name), fit, task.train.labels, held_out))
+    return result
+
+
+def checkpoint_task_features(bundle: Bundle, checkpoint: Path, *, per_class: int = STATS_PER_CLASS,
+                             progress: bool = True) -> list[TaskFeatures]:
+    """:func:`run_task_features` for the run at ``checkpoint`` (run directory or its checkpoint.pt)."""
+    path = Path(checkpoint)
+    path = path / CHECKPOINT_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {checkpoint}: pass the run directory the bundle was exported from")
+    state = load_checkpoint(path)
+    return run_task_features(bundle, RunConfig.from_dict(state["config"]), Preprocess.from_dict(state["preprocess"]),
+                             per_class=per_class, progress=progress)

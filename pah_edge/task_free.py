@@ -1,0 +1,184 @@
+"""Task-free prediction: one shared-covariance discriminant over every class of every task, and novelty.
+
+A deployed camera does not know which task a frame belongs to, and the generated heads' confidences
+are not comparable across tasks. Every task therefore also keeps the Gaussian statistics of its
+features, and one linear discriminant over all classes (LDA with one shared covariance) picks the
+(task, class); the Mahalanobis distance to the nearest class mean is the novelty score.
+
+Features are first transformed as few-shot learning on frozen features does: a signed square root
+(``sign(f) |f|^0.5``, which makes the skewed post-ReLU activations closer to Gaussian), L2
+normalisation, then centring on the workstation's mean feature.
+
+State, all numpy (no torch; the device reads and extends it):
+
+- shared (``SharedStats``, written once at export): the centring mean [D], the workstation's pooled
+  within-class scatter [D, D] and its image count, and the novelty threshold with the rate of known
+  images it calls unknown. It describes the backbone's feature space, like the backbone itself.
+- per task (``TaskStats``): class means [C, D] of the transformed (uncentred) features and image
+  counts, plus (device tasks) a rank-C factor
+  ``L`` [C, D] of the task's within-class scatter (``L.T @ L`` are its C largest directions) and
+  ``residual``, the scatter it leaves out spread evenly over the D directions. Means and factor are
+  stored as float16: C x D floats' worth of bytes per task.
+
+The rule's covariance is ``(S0 + sum_t (L_t.T L_t + residual_t I)) / (n0 + sum_t n_t)``, shrunk
+towards a multiple of the identity: a sum over tasks, so tasks learned in any order give the same
+rule and removing a task removes its contribution exactly. A new domain's own directions of
+variation enter the covariance through its factor; measured in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+POWER = 0.5  # exponent of the signed power transform
+SHRINKAGE = 0.05  # covariance shrinkage towards (trace / D) I
+UNKNOWN_RATE = 0.05  # default share of known images that the threshold calls unknown
+STORE_DTYPE = np.float16
+# Workstation images per class for the shared state: more than a quick generator run trains on, as
+# a covariance needs them (the issue measured +1.6 points task-free with 600 instead of 100).
+STATS_PER_CLASS = 600
+
+
+def transform(features: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """Signed square root, L2-normalised rows, minus ``mean`` (the shared centring mean) if given."""
+    z = np.sign(features) * np.abs(features) ** POWER
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return z if mean is None else z - mean
+
+
+@dataclass(frozen=True)
+class SharedStats:
+    """The bundle-wide state: centring mean [D], within-class scatter [D, D] of ``count`` images."""
+
+    mean: np.ndarray
+    scatter: np.ndarray
+    count: int
+    threshold: float | None = None  # novelty above this is unknown
+    unknown_rate: float | None = None  # share of held-out known images the threshold calls unknown
+
+    def to_bytes(self) -> bytes:
+        arrays = {"mean": self.mean.astype(np.float32), "scatter": self.scatter.astype(np.float32),
+                  "count": np.int64(self.count)}
+        if self.threshold is not None:
+            arrays |= {"threshold": np.float64(self.threshold), "unknown_rate": np.float64(self.unknown_rate)}
+        return _npz_bytes(arrays)
+
+    @classmethod
+    def from_npz(cls, npz) -> SharedStats:
+        threshold = float(npz["threshold"]) if "threshold" in npz else None
+        rate = float(npz["unknown_rate"]) if "unknown_rate" in npz else None
+        return cls(np.asarray(npz["mean"], np.float64), np.asarray(npz["scatter"], np.float64), int(npz["count"]),
+                   threshold, rate)
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    """A task's class means [C, D] and counts [C]; ``factor`` [r, D] and ``residual``: its scatter."""
+
+    means: np.ndarray
+    counts: np.ndarray
+    factor: np.ndarray  # [0, D] for workstation tasks: their scatter is in the shared state
+    residual: float
+
+    def to_bytes(self) -> bytes:
+        return _npz_bytes({"means": self.means.astype(STORE_DTYPE), "counts": self.counts.astype(np.int64),
+                           "factor": self.factor.astype(STORE_DTYPE), "residual": np.float64(self.residual)})
+
+    @classmethod
+    def from_npz(cls, npz) -> TaskStats:
+        return cls(np.asarray(npz["means"], np.float64), np.asarray(npz["counts"], np.int64),
+                   np.asarray(npz["factor"], np.float64), float(npz["residual"]))
+
+    def scatter(self) -> np.ndarray:
+        """This task's contribution to the shared scatter, [D, D]."""
+        dim = self.means.shape[1]
+        return self.factor.T @ self.factor + self.residual * np.eye(dim)
+
+
+def class_means(z: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(means [C, D] of transformed features ``z`` per label, counts [C]); every class needs an image."""
+    counts = np.bincount(labels, minlength=classes)
+    sums = np.zeros((classes, z.shape[1]))
+    np.add.at(sums, labels, z)
+    return sums / np.maximum(counts, 1)[:, None], counts
+
+
+def within_scatter(z: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Sum over images of (z - its class mean)(z - its class mean)^T, [D, D] float64."""
+    residuals = np.asarray(z, np.float64) - means[labels]
+    return residuals.T @ residuals
+
+
+def task_stats(features: np.ndarray, labels: np.ndarray, classes: int, *, with_scatter: bool = True) -> TaskStats:
+    """A task's statistics from its raw backbone features [N, D] and labels [N] in [0, C).
+
+    ``with_scatter`` (device tasks) keeps a rank-C factor of the within-class scatter; workstation
+    tasks' scatter is pooled into the shared state instead. Independent of the shared state.
+    """
+    z = transform(features)
+    means, counts = class_means(z, labels, classes)
+    dim = z.shape[1]
+    if not with_scatter:
+        return TaskStats(means, counts, np.zeros((0, dim)), 0.0)
+    eigenvalues, vectors = np.linalg.eigh(within_scatter(z, labels, means))
+    eigenvalues = np.clip(eigenvalues, 0, None)
+    keep = min(classes, dim)
+    factor = (vectors[:, -keep:] * np.sqrt(eigenvalues[-keep:])).T
+    return TaskStats(means, counts, factor, float(eigenvalues[:-keep].sum() / dim))
+
+
+class TaskFreeRule:
+    """The discriminant over every class of ``tasks`` = [(task, TaskStats), ...] (task: a name or record).
+
+    ``scores(features)`` -> (class scores [N, K] for the K classes of all tasks in order, novelty [N]);
+    class k is class ``class_of[k]`` of ``tasks[task_of[k]]``.
+    """
+
+    def __init__(self, shared: SharedStats, tasks: list[tuple[object, TaskStats]]):
+        self.shared = shared
+        self.tasks = [task for task, _ in tasks]
+        self.task_of = np.concatenate([np.full(len(s.counts), t) for t, (_, s) in enumerate(tasks)])
+        self.class_of = np.concatenate([np.arange(len(s.counts)) for _, s in tasks])
+        means = np.concatenate([s.means for _, s in tasks]) - shared.mean
+        scatter = shared.scatter + sum(s.scatter() for _, s in tasks)
+        count = shared.count + sum(int(s.counts.sum()) for _, s in tasks)
+        covariance = scatter / max(count, 1)
+        dim = covariance.shape[0]
+        covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * np.trace(covariance) / dim * np.eye(dim)
+        self.precision = np.linalg.inv(covariance).astype(np.float32)
+        self.weights = (means @ self.precision).astype(np.float32)  # [K, D]
+        self.bias = (-0.5 * np.einsum("kd,kd->k", self.weights, means)).astype(np.float32)
+
+    def scores(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = transform(features, self.shared.mean).astype(np.float32)
+        scores = z @ self.weights.T + self.bias
+        # min_k Mahalanobis^2 = z'Pz - 2 max_k (mu_k'Pz - mu_k'P mu_k / 2); divided by D for a per-axis scale.
+        novelty = (np.einsum("nd,nd->n", z @ self.precision, z) - 2 * scores.max(axis=1)) / z.shape[1]
+        return scores, novelty
+
+
+def workstation_stats(train_sets: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[SharedStats, list[TaskStats]]:
+    """(shared state, per-task stats) from each workstation task's (raw features [N, D], labels, classes).
+
+    The centring mean is the mean transformed feature over every image; the scatter is pooled over
+    every class of every task. The threshold is set afterwards (``with_threshold``).
+    """
+    mean = np.concatenate([transform(f) for f, _, _ in train_sets]).mean(axis=0)
+    tasks = [task_stats(f, y, c, with_scatter=False) for f, y, c in train_sets]
+    scatter = sum(within_scatter(transform(f), y, s.means) for (f, y, _), s in zip(train_sets, tasks))
+    return SharedStats(mean, scatter, sum(len(y) for _, y, _ in train_sets)), tasks
+
+
+def with_threshold(shared: SharedStats, rule_novelty: np.ndarray, unknown_rate: float = UNKNOWN_RATE) -> SharedStats:
+    """``shared`` with the novelty threshold above which ``unknown_rate`` of these known images lie."""
+    threshold = float(np.quantile(rule_novelty, 1 - unknown_rate))
+    return SharedStats(shared.mean, shared.scatter, shared.count, threshold, unknown_rate)
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()

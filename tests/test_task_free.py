@@ -1,0 +1,165 @@
+"""Task-free prediction's state (`pah_edge.task_free`, `pah-edge task-stats`) and its guarantees.
+
+Order-free and exactly removable statistics, old tasks untouched by a new one, bundles exported
+before the statistics existed, and a corrupt task or shared state.
+"""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from conftest import write_image_folder
+from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
+from typer.testing import CliRunner
+
+from pah_edge.bundle import Bundle
+from pah_edge.cli import app
+from pah_edge.device.learner import learn_task
+from pah_edge.device.predict import Predictor
+from pah_edge.task_free import SharedStats, TaskFreeRule, task_stats, workstation_stats
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, mnist_digits):
+    root = tmp_path_factory.mktemp("task_free")
+    new_task = write_image_folder(root / "new", mnist_digits, {"pairs": [1, 7]}, per_class=12) / "pairs"
+    labelled = write_image_folder(root / "labelled", mnist_digits,
+                                  {"a": [0, 1, 2], "b": [3, 4, 5], "c": [6, 7, 8, 9]}, per_class=10)
+    return make_tiny_bundle(root, mnist_digits), query_folder(root, mnist_digits), new_task, labelled, root
+
+
+@pytest.fixture
+def bundle_dir(made, tmp_path):
+    return shutil.copytree(made[0], tmp_path / "bundle")
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, *words):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def _predict(bundle_dir, query, **kw):
+    with Predictor(Bundle.open(bundle_dir), runtime="onnxruntime-cpu") as predictor:
+        return predictor.predict([query], **kw)
+
+
+def test_the_rule_does_not_depend_on_the_order_tasks_were_learned_in():
+    rng = np.random.default_rng(0)
+    dim = 16
+    base = [(rng.random((40, dim)), np.repeat([0, 1], 20), 2)]
+    shared, _ = workstation_stats(base)
+    tasks = []
+    for t in range(3):
+        labels = np.repeat(np.arange(3), 10)
+        feats = rng.random((30, dim)) + labels[:, None] * rng.random(dim)
+        tasks.append((f"t{t}", task_stats(feats, labels, 3)))
+    query = rng.random((8, dim))
+    scores, novelty = TaskFreeRule(shared, tasks).scores(query)
+    order = [2, 0, 1]
+    permuted_scores, permuted_novelty = TaskFreeRule(shared, [tasks[i] for i in order]).scores(query)
+    columns = np.concatenate([np.arange(3 * i, 3 * i + 3) for i in order])
+    np.testing.assert_allclose(permuted_scores, scores[:, columns], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(permuted_novelty, novelty, rtol=1e-5, atol=1e-5)
+
+
+def test_task_statistics_cost_at_most_c_times_d_floats():
+    features, labels = np.random.default_rng(1).random((50, 64)), np.repeat(np.arange(5), 10)
+    stats = task_stats(features, labels, 5)
+    assert stats.means.shape == stats.factor.shape == (5, 64)
+    assert len(stats.to_bytes()) <= 5 * 64 * 4 + 1200  # C x D float32 plus the npz headers of 4 arrays
+
+
+def test_learn_task_leaves_old_tasks_bit_identical_and_remove_restores_the_rule_exactly(bundle_dir, made):
+    query, new_task = made[1], made[2]
+    bundle = Bundle.open(bundle_dir)
+    old_files = {f.name: f.read_bytes() for f in (bundle_dir / "tasks").iterdir() if f.name != "registry.json"}
+    before = _predict(bundle_dir, query)
+    given = {t: _predict(bundle_dir, query, task=t) for t in ("a", "b", "c")}
+
+    learn_task(bundle, new_task, runtime="onnxruntime-cpu", progress=False)
+    assert bundle.task("pairs").stats_file is not None
+    assert {n: (bundle_dir / "tasks" / n).read_bytes() for n in old_files} == old_files
+    assert {t: _predict(bundle_dir, query, task=t) for t in ("a", "b", "c")} == given
+    assert any(p["task"] == "pairs" for p in _predict(bundle_dir, query, novelty_threshold=1e9)) or \
+        _predict(bundle_dir, query) != before  # the new task takes part
+
+    bundle.remove_task("pairs")
+    after = _predict(bundle_dir, query)
+    assert [(p["task"], p["label"], p["known"]) for p in after] == [(p["task"], p["label"], p["known"]) for p in before]
+    np.testing.assert_allclose([p["novelty"] for p in after], [p["novelty"] for p in before], rtol=1e-5)
+    assert not list((bundle_dir / "tasks").glob("pairs*"))
+
+
+def _as_if_exported_before_the_statistics(bundle_dir):
+    for file in bundle_dir.glob("task_free*"):
+        file.unlink()
+    registry = json.loads((bundle_dir / "tasks" / "registry.json").read_text())
+    for task in registry["tasks"]:
+        (bundle_dir / task.pop("stats_file")).unlink()
+        task.pop("stats_sha256")
+    (bundle_dir / "tasks" / "registry.json").write_text(json.dumps(registry))
+
+
+@pytest.mark.parametrize("source", ["images", "checkpoint"])
+def test_an_old_bundle_names_the_command_that_adds_the_statistics(bundle_dir, made, source):
+    query, labelled, root = made[1], made[3], made[4]
+    _as_if_exported_before_the_statistics(bundle_dir)
+    _one_line_error(_cli("predict", query, "--bundle", bundle_dir), "no task-free statistics",
+                    f"pah-edge task-stats {bundle_dir}", "--task NAME")
+    assert _cli("predict", query, "--bundle", bundle_dir, "--task", "a").exit_code == 0  # task given: as before
+
+    fix = ["--images", labelled] if source == "images" else ["--checkpoint", root / "run"]
+    result = _cli("task-stats", bundle_dir, *fix, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "novelty threshold" in result.stdout
+    predictions = json.loads(_cli("predict", query, "--bundle", bundle_dir, "--json").stdout)
+    assert len(predictions) == len(QUERY_FILES)
+    with_stats = {r.name for r in Bundle.open(bundle_dir).tasks() if r.stats_file}
+    assert with_stats == ({"a", "b", "c"} if source == "images" else {"a", "b"})  # c was learned on a device
+
+
+def test_task_stats_needs_exactly_one_source(bundle_dir, tmp_path):
+    _one_line_error(_cli("task-stats", bundle_dir), "--checkpoint RUN_DIR", "--images")
+    (tmp_path / "other" / "x").mkdir(parents=True)
+    _one_line_error(_cli("task-stats", bundle_dir, "--images", tmp_path / "other"), "no folder named after a task")
+
+
+def test_a_corrupt_task_is_left_out_with_one_warning_and_the_others_answer(bundle_dir, made, caplog):
+    query = made[1]
+    stats_file = bundle_dir / Bundle.open(bundle_dir).task("b").stats_file
+    data = stats_file.read_bytes()
+    stats_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with caplog.at_level(logging.WARNING, "pah_edge"):
+        predictions = _predict(bundle_dir, query, novelty_threshold=1e9)
+    assert {p["task"] for p in predictions} <= {"a", "c"} and len(predictions) == len(QUERY_FILES)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "task 'b'" in warnings[0] and "pah-edge task-stats" in warnings[0]
+    result = _cli("predict", query, "--bundle", bundle_dir)
+    assert result.exit_code == 0 and "Traceback" not in result.output
+
+
+def test_a_corrupt_shared_state_is_one_line_and_exit_1(bundle_dir, made):
+    shared = bundle_dir / json.loads((bundle_dir / "task_free.json").read_text())["file"]
+    shared.write_bytes(b"garbage")
+    _one_line_error(_cli("predict", made[1], "--bundle", bundle_dir), "does not match its SHA-256",
+                    "pah-edge task-stats")
+
+
+def test_shared_stats_round_trip_through_their_bytes():
+    rng = np.random.default_rng(2)
+    shared = SharedStats(rng.random(4), rng.random((4, 4)), 7, 1.5, 0.05)
+    import io
+
+    with np.load(io.BytesIO(shared.to_bytes())) as npz:
+        back = SharedStats.from_npz(npz)
+    np.testing.assert_allclose(back.scatter, shared.scatter, rtol=1e-6)
+    assert (back.count, back.threshold, back.unknown_rate) == (7, 1.5, 0.05)
