@@ -237,6 +237,7 @@ def _train_phase(model: PAHModel, prev: PAHModel | None, phase: list[int], tasks
     bar = progress.add_task(_phase_name(phase, tasks), total=cfg.epochs * steps) if progress else None
     train_mode()
     for epoch in range(cfg.epochs):
+        started = time.perf_counter()
         for _, sampler in loaders:
             sampler.set_epoch(epoch)
         for batches in zip(*(_cycle(loader, steps) for loader, _ in loaders)):
@@ -257,6 +258,9 @@ def _train_phase(model: PAHModel, prev: PAHModel | None, phase: list[int], tasks
                 _prototype_step(model, prev_proto_logits, phase, cfg, proto_optimizer, train_mode)
             if bar is not None:
                 progress.update(bar, advance=1, description=f"{_phase_name(phase, tasks)} epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}")
+        seconds = time.perf_counter() - started
+        log.debug("%s epoch %d done in %.2f s", _phase_name(phase, tasks), epoch + 1, seconds,
+                  extra={"phase": phase, "epoch": epoch, "epoch_seconds": seconds})
     if bar is not None:
         progress.remove_task(bar)
 
