@@ -367,8 +367,9 @@ def _start_or_resume(cfg: RunConfig, tasks: list[Task], out_dir: Path, resume: b
         _seed(cfg.train.seed, -1)
         return RunState(build_model(cfg.model, first_task_classes=tasks[0].num_classes), [], [])
     state = load_checkpoint(out_dir / CHECKPOINT_NAME)
-    if state["config"] != cfg.to_dict():
-        changed = _changed_keys(state["config"], cfg.to_dict())
+    saved = RunConfig.from_dict(state["config"]).to_dict()  # options added since the run take their defaults
+    if saved != cfg.to_dict():
+        changed = _changed_keys(saved, cfg.to_dict())
         raise CheckpointError(f"--resume with different options than the run in {out_dir} ({', '.join(changed)}); "
                               "pass the original options or choose another --out")
     if state["tasks"] != _task_records(tasks):

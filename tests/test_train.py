@@ -86,6 +86,19 @@ def test_resume_with_other_options_is_refused(two_tasks, tmp_path):
     assert result.exit_code == 1 and "epochs" in result.output
 
 
+def test_a_run_from_before_an_option_existed_resumes_with_its_default(two_tasks, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    args = ["train", str(two_tasks), *TINY, "--epochs", "1", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]["train"]["cache_features"]  # added on 2026-12-02
+    torch.save(state, out / "checkpoint.pt")
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_write_metrics(tmp_path, mnist_digits):
     data = _digit_tasks(tmp_path, mnist_digits)
