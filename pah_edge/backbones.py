@@ -148,8 +148,9 @@ def create_backbone(
 ) -> Backbone:
     """Build backbone ``name`` (or an alias) for square inputs of ``image_size`` px.
 
-    pretrained: load ImageNet weights (torchvision hub cache or download; a bundled file for
-    efficientnet_lite0). weights: path to a local state dict instead. Both together is an error.
+    pretrained: load ImageNet weights (torchvision's file in the torch hub cache, never downloaded;
+    the installed file for efficientnet_lite0). weights: path to a local state dict instead. Both
+    together is an error.
     """
     canonical = canonical_backbone_name(name)
     _check_image_size(image_size)
@@ -240,21 +241,30 @@ def _first_few(items: list[str]) -> str:
 
 
 def _torchvision_model(arch: str, pretrained: bool) -> nn.Module:
-    """``torchvision.models.<arch>``, random or with its DEFAULT ImageNet weights."""
+    """``torchvision.models.<arch>``, random or with its DEFAULT ImageNet weights from the torch hub cache.
+
+    Never downloads: a missing file is a ConfigError that says where to put it.
+    """
     import torchvision
 
-    builder = getattr(torchvision.models, arch)
+    model = getattr(torchvision.models, arch)(weights=None)
     if not pretrained:
-        return builder(weights=None)
-    try:
-        return builder(weights="DEFAULT")
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; RuntimeError: bad/partial file
-        filename = torchvision.models.get_model_weights(arch).DEFAULT.url.rsplit("/", 1)[-1]
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        return model
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not path.is_file():
         raise ConfigError(
-            f"could not get ImageNet weights for {arch} (offline?); pass --weights PATH to a local "
-            f"state dict, or put the torchvision file {filename} in {cache}"
+            f"ImageNet weights for {arch} are not in the torch cache: download {url} once (on a machine "
+            f"with network access) into {path.parent}/, or pass --weights PATH to a local state dict"
+        )
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # unpickling errors have many types; all mean "not this model's state dict"
+        raise ConfigError(
+            f"could not load ImageNet weights for {arch} from {path} ({type(exc).__name__}); delete it and "
+            f"download {url} again, or pass --weights PATH to a local state dict"
         ) from exc
+    return model
 
 
 def _mobilenet(arch: str, image_size: int, pretrained: bool, feature_dim: int) -> BackbonePieces:

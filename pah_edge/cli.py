@@ -58,7 +58,7 @@ def train(
     download: bool = typer.Option(False, "--download", help="Download the benchmark's archive if it is missing."),
     backbone: str = typer.Option("mobilenet_v3_small", help="mobilenet_v3_small, mobilenet_v3_large (alias mobilenet_v3), mobilenet_v2, resnet18, efficientnet_lite0, tiny_cnn."),
     image_size: Optional[int] = typer.Option(None, help="Input size in px (default: 32 for 28-32 px benchmarks, 64 otherwise)."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Start from ImageNet weights (torchvision cache or download)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from ImageNet weights: installed for efficientnet_lite0; torchvision backbones need their file in the torch hub cache (never downloaded)."),
     weights: Optional[Path] = typer.Option(None, help="Local backbone state dict to start from."),
     generator: str = typer.Option("classwise-linear", help="Hypernetwork: classwise-linear (any class count; best for learning on the device), classwise (adds an MLP), task-mlp (the paper's), linear-head."),
     prototype_size: Optional[int] = typer.Option(None, help="Prototype side in px (default: the largest with channels x side^2 <= D/2)."),

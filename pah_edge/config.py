@@ -69,6 +69,9 @@ class TrainConfig:
     proto_hard_weight: float = 0.0
     seed: int = 0
     device: str = "auto"
+    # A frozen backbone (backbone_lr 0 from trained weights) computes each image's features once and
+    # generator and prototypes train on them; False runs it on every batch (same results, slower).
+    cache_features: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,9 +38,10 @@ class PAHModel(nn.Module):
     def logits(self, features: torch.Tensor, task: int) -> torch.Tensor:
         return features @ self.head(task).T
 
-    def forward(self, images: torch.Tensor, tasks: Sequence[int]) -> list[torch.Tensor]:
-        """Logits of each task in ``tasks`` for one batch: the backbone runs once."""
-        features = self.backbone(images)
+    def forward(self, x: torch.Tensor, tasks: Sequence[int], *, cached: bool = False) -> list[torch.Tensor]:
+        """Logits of each task in ``tasks`` for one batch of images (the backbone runs once), or of their
+        backbone features when ``cached`` (computed before, for a frozen backbone)."""
+        features = x if cached else self.backbone(x)
         return [self.logits(features, t) for t in tasks]
 
     def prototype_logits(self, task: int) -> torch.Tensor:

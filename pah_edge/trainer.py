@@ -7,14 +7,25 @@ alone with prototype distillation. After each task the test accuracy of every ta
 appended to the accuracy matrix and the checkpoint is rewritten atomically, so ``--resume``
 continues after the last finished task. Each task draws its randomness from ``(seed, task)``
 alone, which makes a resumed run identical to an uninterrupted one.
+
+A frozen backbone (``backbone_lr`` 0 from trained weights) stays in eval mode, and with
+``cache_features`` (the default) each image's features are computed once, in memory or, for a large
+image set, in a memory-mapped file under the run directory that is deleted when training ends.
+Generator and prototypes then train on those features; only prototypes still pass through the
+backbone (prototype distillation). The results equal the uncached path's up to float rounding.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
+import shutil
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +53,7 @@ from pah_edge.progress import bar_progress
 log = logging.getLogger("pah_edge")
 
 EVAL_BATCH = 256
+FEATURES_IN_MEMORY_MAX = 1 << 30  # bytes of one image set's features; a larger set's go to a memory-mapped file
 
 
 @dataclass
@@ -90,8 +102,15 @@ def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, o
         model = state.model.to(dist.device)
         mean, std = (torch.tensor(v, device=dist.device).view(1, 3, 1, 1) for v in (preprocess.mean, preprocess.std))
         normalize = _Normalizer(mean, std)
+        frozen = _frozen_backbone(cfg)
+        cache = _FeatureCache(tasks, model.backbone, normalize, out_dir) if frozen and cfg.train.cache_features else None
         phases = [list(range(len(tasks)))] if cfg.train.method == "joint" else [[t] for t in range(len(tasks))]
-        with _progress(show_progress and dist.is_main) as progress:
+
+        def accuracy(task: int, split: str) -> float:
+            features = cache.features(task, split) if cache else None
+            return evaluate(model, task, getattr(tasks[task], split), normalize, features)
+
+        with _progress(show_progress and dist.is_main) as progress, closing(cache) if cache else nullcontext():
             for phase in phases[len(state.acc_matrix):]:
                 started = time.perf_counter()
                 _seed(cfg.train.seed, phase[0])
@@ -99,13 +118,14 @@ def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, o
                 for t in phase:
                     init = _initial_params(model, tasks[t].train, normalize, cfg, t)
                     model.add_task(init.to(dist.device))
-                fit_batchnorm = phase[0] == 0 and not _keeps_batchnorm(cfg)
-                _train_phase(model, prev, phase, tasks, normalize, cfg.train, dist, progress, fit_batchnorm)
+                fit_batchnorm = phase[0] == 0 and not frozen
+                train_mode = functools.partial(_train_mode, model, batchnorm_stats=fit_batchnorm, frozen=frozen)
+                _train_phase(model, prev, phase, tasks, normalize, cfg.train, dist, progress, train_mode, cache)
                 if fit_batchnorm:
                     _recalibrate_batchnorm(model, [tasks[t].train for t in phase], normalize)
                 model.eval()
-                state.val_acc.extend(evaluate(model, t, tasks[t].val, normalize) for t in phase)
-                state.acc_matrix.append([evaluate(model, j, tasks[j].test, normalize) for j in range(model.num_tasks)])
+                state.val_acc.extend(accuracy(t, "val") for t in phase)
+                state.acc_matrix.append([accuracy(j, "test") for j in range(model.num_tasks)])
                 if dist.is_main:
                     _save_run(out_dir, cfg, tasks, preprocess, state)
                     _log_phase(phase, tasks, state, time.perf_counter() - started)
@@ -115,20 +135,65 @@ def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, o
         dist.shutdown()
 
 
-def evaluate(model: PAHModel, task: int, images: ImageSet, normalize) -> float:
-    """Task-aware accuracy of ``task`` on ``images`` (fraction in [0, 1])."""
+def evaluate(model: PAHModel, task: int, images: ImageSet, normalize, features: torch.Tensor | None = None) -> float:
+    """Task-aware accuracy of ``task`` on ``images`` (fraction in [0, 1]); ``features``: their backbone
+    features when computed before (a frozen backbone), else the backbone runs."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = 0
     with torch.no_grad():
         head = model.head(task)
-        for start in range(0, len(images), EVAL_BATCH):
-            x = normalize(torch.from_numpy(images.images[start : start + EVAL_BATCH]).to(device))
-            pred = (model.backbone(x) @ head.T).argmax(1).cpu().numpy()
-            correct += int((pred == images.labels[start : start + EVAL_BATCH]).sum())
+        batches = _backbone_batches(model.backbone, images, normalize) if features is None else features.split(EVAL_BATCH)
+        pred = torch.cat([(f.to(device) @ head.T).argmax(1) for f in batches]).cpu().numpy()
     model.train(was_training)
-    return correct / len(images)
+    return int((pred == images.labels).sum()) / len(images)
+
+
+def _backbone_batches(backbone: nn.Module, images: ImageSet, normalize) -> Iterator[torch.Tensor]:
+    """The backbone's outputs for ``images``, ``EVAL_BATCH`` images at a time."""
+    for start in range(0, len(images), EVAL_BATCH):
+        yield backbone(normalize(torch.from_numpy(images.images[start : start + EVAL_BATCH])))
+
+
+class _FeatureCache:
+    """Each image set's features under a frozen backbone, computed on first use (float32 [N, D] on the CPU).
+
+    A set whose features exceed ``FEATURES_IN_MEMORY_MAX`` bytes goes to a memory-mapped file in a
+    temporary folder under ``out_dir``; ``close`` deletes it.
+    """
+
+    def __init__(self, tasks: list[Task], backbone: nn.Module, normalize, out_dir: Path):
+        self.tasks, self.backbone, self.normalize, self.out_dir = tasks, backbone, normalize, out_dir
+        self._features: dict[tuple[int, str], torch.Tensor] = {}
+        self._folder: Path | None = None
+
+    def features(self, task: int, split: str) -> torch.Tensor:
+        """Features of ``tasks[task]``'s ``split`` ("train", "val" or "test")."""
+        key = (task, split)
+        if key not in self._features:
+            self._features[key] = self._compute(getattr(self.tasks[task], split), f"{task}-{split}")
+        return self._features[key]
+
+    def _compute(self, images: ImageSet, name: str) -> torch.Tensor:
+        shape = (len(images), self.backbone.feature_dim)
+        if 4 * shape[0] * shape[1] <= FEATURES_IN_MEMORY_MAX:
+            out = np.empty(shape, np.float32)
+        else:
+            if self._folder is None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._folder = Path(tempfile.mkdtemp(prefix=".features-", dir=self.out_dir))
+            out = np.lib.format.open_memmap(self._folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
+        self.backbone.eval()
+        with torch.no_grad():
+            batches = _backbone_batches(self.backbone, images, self.normalize)
+            for start, batch in zip(range(0, len(images), EVAL_BATCH), batches):
+                out[start : start + len(batch)] = batch.cpu().numpy()
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        self._features.clear()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
 
 class _Normalizer:
@@ -142,19 +207,21 @@ class _Normalizer:
         return (x - self.mean) / self.std
 
 
-def _keeps_batchnorm(cfg: RunConfig) -> bool:
-    """A frozen backbone that starts from trained weights keeps their BatchNorm statistics.
+def _frozen_backbone(cfg: RunConfig) -> bool:
+    """The backbone does not train: ``backbone_lr`` 0 from trained weights. Its features are fixed (cacheable).
 
-    Re-estimating them on a first task of two grayscale classes made folded EfficientNet-Lite0
-    weights so large that INT8 calibration collapsed (feature cosine 0.34 against 0.98 as shipped).
+    It keeps the weights' BatchNorm statistics: re-estimating them on a first task of two grayscale
+    classes made folded EfficientNet-Lite0 weights so large that INT8 calibration collapsed (feature
+    cosine 0.34 against 0.98 as shipped).
     """
     return cfg.train.backbone_lr == 0 and bool(cfg.model.pretrained or cfg.model.weights)
 
 
 def _train_phase(model: PAHModel, prev: PAHModel | None, phase: list[int], tasks: list[Task], normalize,
-                 cfg: TrainConfig, dist: DistContext, progress: Progress | None, fit_batchnorm: bool) -> None:
-    """Train the tasks of one phase (one task, or all of them for joint training); ``fit_batchnorm``:
-    BatchNorm statistics follow the batches."""
+                 cfg: TrainConfig, dist: DistContext, progress: Progress | None, train_mode: Callable[[], None],
+                 cache: _FeatureCache | None) -> None:
+    """Train the tasks of one phase (one task, or all of them for joint training). ``train_mode`` puts the
+    model in its training mode; with ``cache`` batches are the images' cached features."""
     old = list(range(phase[0]))
     distill_logits = cfg.stability > 0 and bool(old)
     distill_protos = cfg.proto_distill_weight > 0 and bool(old) and isinstance(model.generator, PrototypeGenerator)
@@ -165,38 +232,45 @@ def _train_phase(model: PAHModel, prev: PAHModel | None, phase: list[int], tasks
     )
     proto_optimizer = torch.optim.AdamW(list(model.task_params), lr=cfg.lr, weight_decay=cfg.weight_decay)
     prev_proto_logits = [prev.prototype_logits(k).detach() for k in old] if distill_protos else []
-    loaders = [dist.loader(TensorDataset(torch.from_numpy(tasks[t].train.images), torch.from_numpy(tasks[t].train.labels)),
-                           batch_size=cfg.batch_size, seed=cfg.seed * 1000 + t) for t in phase]
+    inputs = [cache.features(t, "train") if cache else torch.from_numpy(tasks[t].train.images) for t in phase]
+    loaders = [dist.loader(TensorDataset(x, torch.from_numpy(tasks[t].train.labels)),
+                           batch_size=cfg.batch_size, seed=cfg.seed * 1000 + t) for x, t in zip(inputs, phase)]
+    cached = cache is not None
     steps = max(len(loader) for loader, _ in loaders)
     wrapped = dist.wrap(model)
     bar = progress.add_task(_phase_name(phase, tasks), total=cfg.epochs * steps) if progress else None
-    _train_mode(model, batchnorm_stats=fit_batchnorm)
+    train_mode()
     for epoch in range(cfg.epochs):
+        started = time.perf_counter()
         for _, sampler in loaders:
             sampler.set_epoch(epoch)
         for batches in zip(*(_cycle(loader, steps) for loader, _ in loaders)):
-            x = normalize(torch.cat([b[0] for b in batches]))
+            x = torch.cat([b[0] for b in batches])
+            x = x.to(dist.device) if cached else normalize(x)
             y = [b[1].to(x.device) for b in batches]
             heads = phase + old if distill_logits else phase
-            logits = wrapped(x, heads)
+            logits = wrapped(x, heads, cached=cached)
             loss = _joint_cross_entropy(logits[: len(phase)], y)
             if distill_logits:
                 with torch.no_grad():
-                    prev_logits = prev(x, old)
+                    prev_logits = prev(x, old, cached=cached)
                 loss = loss + cfg.stability * sum(_kl(p, c, cfg.temperature) for p, c in zip(prev_logits, logits[len(phase):]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if distill_protos or cfg.proto_hard_weight > 0:
-                _prototype_step(model, prev_proto_logits, phase, cfg, proto_optimizer, fit_batchnorm)
+                _prototype_step(model, prev_proto_logits, phase, cfg, proto_optimizer, train_mode)
             if bar is not None:
                 progress.update(bar, advance=1, description=f"{_phase_name(phase, tasks)} epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}")
+        seconds = time.perf_counter() - started
+        log.debug("%s epoch %d done in %.2f s", _phase_name(phase, tasks), epoch + 1, seconds,
+                  extra={"phase": phase, "epoch": epoch, "epoch_seconds": seconds})
     if bar is not None:
         progress.remove_task(bar)
 
 
 def _prototype_step(model: PAHModel, prev_proto_logits: list[torch.Tensor], phase: list[int], cfg: TrainConfig,
-                    optimizer: torch.optim.Optimizer, fit_batchnorm: bool) -> None:
+                    optimizer: torch.optim.Optimizer, train_mode: Callable[[], None]) -> None:
     """The paper's second step: keep old prototypes' outputs stable, optionally classify own prototypes.
 
     Runs the backbone in eval mode (tiny upsampled prototypes must not shift BatchNorm statistics) and
@@ -215,17 +289,21 @@ def _prototype_step(model: PAHModel, prev_proto_logits: list[torch.Tensor], phas
     for param, grad in zip(params, grads):
         param.grad = grad
     optimizer.step()
-    _train_mode(model, batchnorm_stats=fit_batchnorm)
+    train_mode()
 
 
-def _train_mode(model: PAHModel, *, batchnorm_stats: bool) -> None:
+def _train_mode(model: PAHModel, *, batchnorm_stats: bool, frozen: bool) -> None:
     """Train mode; BatchNorm statistics update only when ``batchnorm_stats`` (the first task).
 
     Later tasks keep them frozen: re-estimating them on new data alone would shift every old task's
     features (forgetting that no distillation loss sees), and the device runs them folded anyway.
+    A ``frozen`` backbone stays in eval mode altogether: its features are those the device computes
+    (and the cache holds), without EfficientNet-Lite's stochastic depth.
     """
     model.train()
-    if not batchnorm_stats:
+    if frozen:
+        model.backbone.eval()
+    elif not batchnorm_stats:
         for module in model.backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
@@ -238,7 +316,6 @@ def _recalibrate_batchnorm(model: PAHModel, sets: list[ImageSet], normalize) -> 
     then collapses; one forward pass with cumulative averaging makes them match the final weights.
     Every rank uses all images, so the statistics agree across processes.
     """
-    device = next(model.parameters()).device
     norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -247,8 +324,8 @@ def _recalibrate_batchnorm(model: PAHModel, sets: list[ImageSet], normalize) -> 
     model.backbone.train()
     with torch.no_grad():
         for images in sets:
-            for start in range(0, len(images), EVAL_BATCH):
-                model.backbone(normalize(torch.from_numpy(images.images[start : start + EVAL_BATCH]).to(device)))
+            for _ in _backbone_batches(model.backbone, images, normalize):
+                pass  # the forward passes average the statistics
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
 
@@ -294,8 +371,9 @@ def _start_or_resume(cfg: RunConfig, tasks: list[Task], out_dir: Path, resume: b
         _seed(cfg.train.seed, -1)
         return RunState(build_model(cfg.model, first_task_classes=tasks[0].num_classes), [], [])
     state = load_checkpoint(out_dir / CHECKPOINT_NAME)
-    if state["config"] != cfg.to_dict():
-        changed = _changed_keys(state["config"], cfg.to_dict())
+    saved = RunConfig.from_dict(state["config"]).to_dict()  # options added since the run take their defaults
+    if saved != cfg.to_dict():
+        changed = _changed_keys(saved, cfg.to_dict())
         raise CheckpointError(f"--resume with different options than the run in {out_dir} ({', '.join(changed)}); "
                               "pass the original options or choose another --out")
     if state["tasks"] != _task_records(tasks):

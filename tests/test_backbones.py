@@ -4,7 +4,6 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -210,21 +209,65 @@ def test_efficientnet_lite0_pretrained_features_recognise_real_images():
     assert (predicted == labels).float().mean() >= 0.6
 
 
-@pytest.mark.parametrize("name", TORCHVISION_BACKBONES)
-def test_pretrained_torchvision_offline_is_a_config_error(name, monkeypatch, tmp_path):
+def _no_network(monkeypatch):
+    """Any download attempt fails the test."""
     import torchvision.models._api
 
-    def offline(*args, **kwargs):
-        raise URLError("no network in tests")
+    def download(*args, **kwargs):
+        raise AssertionError("tried to download")
 
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_BACKBONES)
+def test_pretrained_torchvision_without_cached_weights_is_a_config_error(name, monkeypatch, tmp_path):
+    _no_network(monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(ConfigError, match=f"could not get ImageNet weights for {name}") as info:
+    with pytest.raises(ConfigError, match=f"ImageNet weights for {name} are not in the torch cache") as info:
         create_backbone(name, image_size=32, pretrained=True)
-    assert "--weights PATH" in str(info.value) and str(tmp_path) in str(info.value)
-    assert isinstance(info.value.__cause__, URLError)  # the patched loader ran: no network touched
+    assert "--weights PATH" in str(info.value) and str(tmp_path / "hub" / "checkpoints") in str(info.value)
+
+
+def _cached_path(arch: str, torch_home: Path) -> Path:
+    """Where torch.hub keeps ``arch``'s torchvision ImageNet file under ``torch_home``."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    return torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _cache_weights(arch: str, torch_home: Path, *, as_arch: str | None = None) -> dict:
+    """Save a seeded torchvision ``arch``'s state dict as ``as_arch``'s (default: its own) cached ImageNet file."""
+    import torchvision
+
+    torch.manual_seed(3)
+    state = getattr(torchvision.models, arch)(weights=None).state_dict()
+    path = _cached_path(as_arch or arch, torch_home)
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return state
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2"])
+def test_pretrained_torchvision_loads_the_cached_weights(name, monkeypatch, tmp_path):
+    _no_network(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    state = _cache_weights(name, tmp_path)
+    loaded = create_backbone(name, image_size=32, pretrained=True).state_dict()
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    assert {f"trunk.{k}" for k in features} == set(loaded)
+    for key, value in features.items():
+        assert torch.equal(loaded[f"trunk.{key}"], value), key
+
+
+def test_cached_weights_that_do_not_fit_name_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _cache_weights("mobilenet_v2", tmp_path, as_arch="mobilenet_v3_small")
+    with pytest.raises(ConfigError, match="could not load ImageNet weights for mobilenet_v3_small") as info:
+        create_backbone("mobilenet_v3_small", image_size=32, pretrained=True)
+    assert str(_cached_path("mobilenet_v3_small", tmp_path)) in str(info.value) and "--weights PATH" in str(info.value)
 
 
 # --- weights=PATH ---------------------------------------------------------------------------------

@@ -206,6 +206,19 @@ def test_weights_file_that_is_not_a_state_dict(tmp_path, two_classes):
     assert not out.exists()
 
 
+def test_pretrained_torchvision_backbone_without_cached_weights(tmp_path, two_classes, monkeypatch):
+    """An empty torch cache: one line with the file to fetch and where to put it, never a download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # a download attempt would fail at once, not hang
+    out = tmp_path / "run"
+    _assert_one_line_error(_run("train", two_classes, "--backbone", "mobilenet_v3_small", "--pretrained", "--image-size", "32",
+                                "--no-progress", "--epochs", "1", "--out", out),
+                           "mobilenet_v3_small", "https://download.pytorch.org/models/mobilenet_v3_small-",
+                           str(tmp_path / "torch" / "hub" / "checkpoints"), "--weights PATH")
+    assert not out.exists() and not (tmp_path / "torch").exists()
+
+
 # --- 8: help --------------------------------------------------------------------------------------------
 
 

@@ -86,6 +86,19 @@ def test_resume_with_other_options_is_refused(two_tasks, tmp_path):
     assert result.exit_code == 1 and "epochs" in result.output
 
 
+def test_a_run_from_before_an_option_existed_resumes_with_its_default(two_tasks, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    args = ["train", str(two_tasks), *TINY, "--epochs", "1", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]["train"]["cache_features"]  # added on 2026-12-02
+    torch.save(state, out / "checkpoint.pt")
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_write_metrics(tmp_path, mnist_digits):
     data = _digit_tasks(tmp_path, mnist_digits)
@@ -121,3 +134,69 @@ def test_a_frozen_backbone_from_given_weights_keeps_its_batchnorm_statistics(two
     trained = load_checkpoint(out / "checkpoint.pt")["model"]
     for name, value in backbone.state_dict().items():
         assert torch.equal(trained[f"backbone.{name}"], value), name
+
+
+def _frozen_run(folder, weights, out, *, cache_features: bool) -> dict:
+    """tiny_cnn frozen from ``weights``, 5 epochs per task; the metrics and the checkpoint's model state."""
+    from pah_edge.checkpoint import load_checkpoint
+    from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from pah_edge.trainer import run_training
+
+    cfg = RunConfig(data=DataConfig(folder=str(folder)),
+                    model=ModelConfig(backbone="tiny_cnn", image_size=28, prototype_size=8, weights=str(weights)),
+                    train=TrainConfig(epochs=5, lr=0.05, backbone_lr=0.0, seed=1, cache_features=cache_features))
+    metrics = run_training(cfg, out, show_progress=False)
+    return {"metrics": metrics, "model": load_checkpoint(out / "checkpoint.pt")["model"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    import torch
+
+    from pah_edge.backbones import create_backbone
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(create_backbone("tiny_cnn", image_size=28).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uncached_run(two_tasks, tiny_weights, tmp_path_factory):
+    return _frozen_run(two_tasks, tiny_weights, tmp_path_factory.mktemp("uncached") / "run", cache_features=False)
+
+
+@pytest.mark.parametrize("memory_mapped", [False, True])
+def test_cached_features_train_as_the_backbone_on_every_batch_does(two_tasks, tiny_weights, uncached_run, tmp_path,
+                                                                     monkeypatch, memory_mapped):
+    """A frozen backbone's features computed once give the same run as the backbone on every batch:
+    both tasks (the second with logit and prototype distillation), up to float rounding."""
+    import numpy as np
+    import torch
+
+    from pah_edge import trainer
+
+    mapped, open_memmap = [], np.lib.format.open_memmap
+
+    def recording_open_memmap(path, **kwargs):
+        mapped.append(path)
+        return open_memmap(path, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", recording_open_memmap)
+    if memory_mapped:
+        monkeypatch.setattr(trainer, "FEATURES_IN_MEMORY_MAX", 0)
+    out = tmp_path / "run"
+    cached = _frozen_run(two_tasks, tiny_weights, out, cache_features=True)
+
+    assert len(mapped) == (6 if memory_mapped else 0)  # train, val and test of each task
+    assert not any(p.exists() for p in mapped) and not list(out.glob(".features-*"))  # deleted after the run
+    accuracies = [sum(run["metrics"]["acc_matrix"], run["metrics"]["val_acc"]) for run in (cached, uncached_run)]
+    assert accuracies[1][0] > 0.45  # task a learned (chance 1/3), so the runs compare real training
+    # A rounding tie may flip one image of a set (>= 24 images: 0.042); the runs agreed exactly when measured.
+    np.testing.assert_allclose(*accuracies, atol=0.043)
+    learned = [k for k in uncached_run["model"] if not k.startswith("backbone.")]
+    assert any(k.startswith("task_params.1") for k in learned) and any(k.startswith("generator.") for k in learned)
+    for name, value in uncached_run["model"].items():
+        if name.startswith("backbone."):
+            assert torch.equal(cached["model"][name], value), name
+        else:
+            torch.testing.assert_close(cached["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
