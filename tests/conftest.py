@@ -51,3 +51,22 @@ def write_image_folder(root, digits, layout, per_class):
             for i, image in enumerate(digits[digit][:per_class]):
                 Image.fromarray(image).save(folder / f"{i}.png")
     return root
+
+
+def run_cli(*args):
+    """``pah-edge ARGS`` in this process (Typer's runner; stderr kept apart), arguments as strings."""
+    from typer.testing import CliRunner
+
+    from pah_edge.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *words) -> str:
+    """The CLI exited 1 with one ``error:`` line on stderr naming every one of ``words``; returns the line."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]

@@ -10,12 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error as _one_line_error
+from conftest import run_cli as _cli
 from conftest import write_image_folder
 from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
-from typer.testing import CliRunner
 
 from pah_edge.bundle import Bundle
-from pah_edge.cli import app
 from pah_edge.device.learner import learn_task
 from pah_edge.device.predict import Predictor
 from pah_edge.task_free import SharedStats, TaskFreeRule, task_stats, workstation_stats
@@ -33,18 +33,6 @@ def made(tmp_path_factory, mnist_digits):
 @pytest.fixture
 def bundle_dir(made, tmp_path):
     return shutil.copytree(made[0], tmp_path / "bundle")
-
-
-def _cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_line_error(result, *words):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def _predict(bundle_dir, query, **kw):
