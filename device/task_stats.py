@@ -100,16 +100,16 @@ def task_features_from_folder(bundle: Bundle, folder: str | Path, *, progress: b
             labels = np.asarray([label for _, label in items], np.int64)
             check_no_class_empty(scan, labels[read], stream.skipped)
             warn_skipped(stream.skipped, len(items))
-            held = _held_out(labels, read, scan.class_names)
+            held = _held_out(labels, read, len(scan.class_names))
             fit = read & ~held
             result.append(TaskFeatures(scan.root.name, feats[fit], labels[fit], feats[held]))
     return result
 
 
-def _held_out(labels: np.ndarray, read: np.ndarray, class_names: tuple[str, ...]) -> np.ndarray:
+def _held_out(labels: np.ndarray, read: np.ndarray, classes: int) -> np.ndarray:
     """Mask of the held-out images: per class round(20 %) of the readable ones, never the last one."""
     held = np.zeros(len(labels), bool)
-    for label, name in enumerate(class_names):
+    for label in range(classes):
         members = np.flatnonzero((labels == label) & read)
         n = min(round(HELD_OUT_FRACTION * len(members)), len(members) - 1)
         held[np.random.default_rng(label).permutation(members)[:max(n, 0)]] = True
