@@ -144,6 +144,7 @@ class Bundle:
         self.fixed_num_classes: int | None = manifest["generator"]["num_classes"]
         self.files: dict[str, str] = dict(manifest["files"])  # file name -> SHA-256
         self._registry_read: tuple[tuple[int, int, int], list[TaskRecord]] | None = None  # (stat key, records)
+        self._shared_read: tuple[tuple[int, int, int], SharedStats] | None = None  # (stat key of the record, state)
 
     # --- opening -----------------------------------------------------------------------------------
 
@@ -314,10 +315,22 @@ class Bundle:
         return TaskStats.from_npz(_load_checked_npz(file, record.stats_sha256, fix))
 
     def shared_stats(self) -> SharedStats | None:
-        """The bundle's shared task-free state, or None for a bundle exported before it existed."""
+        """The bundle's shared task-free state, or None for a bundle exported before it existed.
+
+        Read and hashed again only when task_free.json changed (inode, mtime, size): a camera loop
+        predicting frame by frame must not re-hash a D x D matrix (6.5 MB at D = 1280) per call.
+        """
         record_path = self.path / TASK_FREE_RECORD
-        if not record_path.is_file():
+        try:
+            stat = record_path.stat()
+        except FileNotFoundError:
             return None
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._shared_read is None or self._shared_read[0] != key:
+            self._shared_read = (key, self._read_shared_stats(record_path))
+        return self._shared_read[1]
+
+    def _read_shared_stats(self, record_path: Path) -> SharedStats:
         fix = f"write it again with `pah-edge task-stats {self.path} --images DIR` (or re-export the bundle)"
         record = _read_json(record_path, fix=fix)
         if not isinstance(record, dict) or not isinstance(record.get("file"), str) or "/" in record["file"]:
