@@ -18,6 +18,7 @@ from pah_edge.device.bundle_runners import backbone_runner, features
 from pah_edge.device.images import BatchStream, check_no_class_empty, scan_class_folders, warn_skipped
 from pah_edge.device.runtimes import Runner
 from pah_edge.errors import DataError
+from pah_edge.preprocess import to_input
 from pah_edge.progress import progress_bar
 from pah_edge.task_free import TaskFreeRule, UNKNOWN_RATE, with_threshold, workstation_stats
 
@@ -62,11 +63,9 @@ def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *, unknown_rate
 
 def features_of_arrays(runner: Runner, images_uint8: np.ndarray, bundle: Bundle) -> np.ndarray:
     """Features [N, D] of uint8 NHWC images already at the bundle's input size."""
-    from pah_edge.preprocess import to_input
-
-    return np.concatenate([features(runner, to_input(images_uint8[i:i + BATCH], bundle.preprocess), BATCH)
-                           for i in range(0, len(images_uint8), BATCH)]) if len(images_uint8) else \
-        np.zeros((0, bundle.feature_dim), np.float32)
+    parts = [features(runner, to_input(images_uint8[i:i + BATCH], bundle.preprocess), BATCH)
+             for i in range(0, len(images_uint8), BATCH)]
+    return np.concatenate(parts) if parts else np.zeros((0, bundle.feature_dim), np.float32)
 
 
 def task_features_from_folder(bundle: Bundle, folder: str | Path, *, progress: bool = True) -> list[TaskFeatures]:
