@@ -274,11 +274,15 @@ def _print_demo_summary(s: dict, out: Path) -> None:
 
     base, new = s["base"], s["new_task"]
     lines = [
-        f"base PAH ({base['backbone']}, {base['tasks']} Split-Fashion-MNIST tasks): average accuracy "
-        f"{pct(base['average_accuracy'])}, forgetting {pct(base['forgetting'])}",
+        f"base PAH ({base['backbone']}, {base['weights']}, {base['image_size']} px; {base['tasks']} "
+        f"Split-Fashion-MNIST tasks): average accuracy {pct(base['average_accuracy'])}, "
+        f"forgetting {pct(base['forgetting'])}",
         f"export: parity with PyTorch OK (worst absolute error {max(s['export']['worst_abs_error'].values()):.1e})",
-        f"new task {new['name']!r} learned as on a device ({new['runtime']}, {new['classes']} classes, "
-        f"{new['wall_seconds']:.1f} s): train {pct(new['train_accuracy'])}, val {pct(new['val_accuracy'])}",
+        f"new task {new['name']!r} learned as on a device ({new['runtime']}, prototypes only): {new['classes']} "
+        f"classes from {sum(new['images'].values())} images in {new['wall_seconds']:.1f} s, "
+        f"train {pct(new['train_accuracy'])}, val {pct(new['val_accuracy'])}; stored "
+        f"{(new['bytes_stored'] + new['stats_bytes_stored']) / 1024:.0f} KB "
+        f"({new['bytes_stored'] / 1024:.0f} KB prototypes, {new['stats_bytes_stored'] / 1024:.0f} KB task-free statistics)",
         f"old tasks unchanged: {'yes' if s['old_tasks_unchanged'] else 'NO'}",
         f"held-out digits, --task {new['name']}: {held('digits_with_task')} "
         f"(nearest class mean on the same features: {held('digits_nearest_class_mean')})",

@@ -19,6 +19,7 @@ def tiny_demo(monkeypatch):
         pytest.skip(f"needs Fashion-MNIST in {FASHION_MNIST_DIR} (apt-get install -y dataset-fashion-mnist)")
     monkeypatch.setattr(demo, "BACKBONE", "tiny_cnn")
     monkeypatch.setattr(demo, "IMAGE_SIZE", 28)
+    monkeypatch.setattr(demo, "PRETRAINED", False)
 
 
 def test_every_stage_runs_and_the_summary_adds_up(tiny_demo, tmp_path):
@@ -28,9 +29,10 @@ def test_every_stage_runs_and_the_summary_adds_up(tiny_demo, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["base"]["tasks"] == 5 and summary["export"]["parity_ok"] and summary["old_tasks_unchanged"]
     assert summary["new_task"]["classes"] == 10 and 0 <= summary["new_task"]["val_accuracy"] <= 1
+    held = 10 * demo.HELD_OUT_PER_CLASS
     assert {k: v["images"] for k, v in summary["held_out"].items()} == {
-        "digits_with_task": 50, "fashion_with_task": 50, "digits_task_free": 50, "fashion_task_free": 50,
-        "digits_nearest_class_mean": 50}
+        "digits_with_task": held, "fashion_with_task": held, "digits_task_free": held, "fashion_task_free": held,
+        "digits_nearest_class_mean": held}
     assert len(summary["examples"]) == 6 and len({e["path"].split("/")[-2] for e in summary["examples"]}) == 6
     assert set(summary["unknown_rate"]) == {"digits", "fashion"}
     assert all(0 <= rate <= 1 for rate in summary["unknown_rate"].values())
@@ -40,8 +42,10 @@ def test_every_stage_runs_and_the_summary_adds_up(tiny_demo, tmp_path):
         assert text in result.stdout, text
     tasks = Bundle.open(out / "bundle").tasks()
     assert [t.name for t in tasks][-1] == "digits" and len(tasks) == 6
-    assert len(list((out / "new_images").glob("*/*.png"))) == 600
-    assert len(list((out / "held_out").glob("*/*/*.png"))) == 100
+    assert len(list((out / "new_images").glob("*/*.png"))) == 10 * demo.NEW_PER_CLASS
+    assert sum(summary["new_task"]["images"].values()) == 10 * demo.NEW_PER_CLASS
+    assert summary["new_task"]["bytes_stored"] > 0 and summary["new_task"]["stats_bytes_stored"] > 0
+    assert len(list((out / "held_out").glob("*/*/*.png"))) == 2 * held
 
 
 def test_a_non_empty_out_needs_force_which_removes_only_the_demos_outputs(tmp_path):

@@ -98,8 +98,9 @@ def test_main_job_options_are_accepted_by_the_cli(monkeypatch, tmp_path):
     assert result.exit_code == 1 and "stopped before the work" in result.output, result.output
     assert _main_job_args()[0] == "demo"
     assert seen["out"] == Path("demo")  # the prose: "demo/new_images/", "demo/summary.json"
-    assert seen["epochs"] == 3 and seen["limit_per_class"] == 500  # the prose: "about 1 minute on 2 CPU cores"
-    assert pah_edge.demo.BACKBONE == "mobilenet_v3_small" and pah_edge.demo.RUNTIME == "onnxruntime-cpu"
+    assert seen["epochs"] == 3 and seen["limit_per_class"] == 200  # the prose: "about 2 minutes on 2 CPU cores"
+    assert pah_edge.demo.BACKBONE == "efficientnet_lite0" and pah_edge.demo.PRETRAINED  # the prose: "ImageNet"
+    assert pah_edge.demo.RUNTIME == "onnxruntime-cpu"
 
 
 @pytest.mark.slow
@@ -113,18 +114,25 @@ def test_main_job_runs_end_to_end(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Traceback" not in output
-    for text in ("base PAH (mobilenet_v3_small, 5 Split-Fashion-MNIST tasks): average accuracy",
+    for text in ("base PAH (efficientnet_lite0, ImageNet, frozen, 144 px; 5 Split-Fashion-MNIST tasks): average accuracy",
                  "export: parity with PyTorch OK", "new task 'digits' learned", "old tasks unchanged: yes",
                  "examples (task-free):", "called unknown:", "seconds per stage: images"):
         assert text in result.stdout, text
     summary = json.loads((out / "summary.json").read_text())
     assert [len(row) for row in json.loads((out / "run" / "metrics.json").read_text())["acc_matrix"]] == [1, 2, 3, 4, 5]
-    assert 0.5 < summary["base"]["average_accuracy"] <= 1  # 2 classes per task: chance is 0.5
+    # The README's numbers (98 % base; digits ~90 % task given, ~87 % task-free; clothes ~87 %
+    # task-free), with room for other CPUs' float rounding. Chance: 50 % per base task, 10 % per
+    # digit, 5 % over the 20 classes task-free.
+    assert summary["base"]["average_accuracy"] >= 0.95 and summary["base"]["forgetting"] <= 0.02
+    held = {key: value["accuracy"] for key, value in summary["held_out"].items()}
+    assert held["digits_with_task"] >= 0.8 and held["digits_task_free"] >= 0.75, held
+    assert held["fashion_with_task"] >= 0.9 and held["fashion_task_free"] >= 0.75, held
+    assert held["digits_with_task"] > held["digits_nearest_class_mean"], held
     assert summary["export"]["parity_ok"] and summary["old_tasks_unchanged"]
     new_task = summary["new_task"]
-    assert new_task["classes"] == 10 and 0.1 < new_task["train_accuracy"] <= 1  # 10 digits: chance is 0.1
+    assert new_task["classes"] == 10 and new_task["train_accuracy"] >= 0.8
     assert set(summary["seconds"]) == {"images", "train", "export", "learn", "predict", "total"}
-    assert len(list((out / "new_images").glob("*/*.png"))) == 10 * 60
+    assert len(list((out / "new_images").glob("*/*.png"))) == 10 * 100
 
     from pah_edge.bundle import Bundle
 
