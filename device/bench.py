@@ -157,8 +157,9 @@ def _require_matplotlib() -> None:
 def add_ratios(rows: list[dict]) -> None:
     """Set ``speedup_vs_torch`` on every row: the median of the paired rounds where ``pair_with_torch``
     measured them, else PyTorch eager FP32 p50 of the same component and batch / this p50 (None
-    without one); and ``overhead_vs_backbone`` on predict-e2e rows: the median of their paired rounds
-    (predict / bare backbone - 1, taking turns), else this p50 / the backbone row's at batch 1 - 1."""
+    without one); ``overhead_vs_backbone`` on predict-e2e rows: the median of their paired rounds
+    (predict / bare backbone - 1, taking turns), else this p50 / the backbone row's at batch 1 - 1;
+    and ``overhead_vs_task_given`` on predict-task-free rows (paired with task-given predict)."""
     by_key = {(r["component"], r["runtime"], r["precision"], r["batch"]): r for r in rows}
     for row in rows:
         eager = by_key.get((row["component"], "torch", "fp32", row["batch"]))
@@ -170,6 +171,8 @@ def add_ratios(rows: list[dict]) -> None:
             paired = row.get("overhead_vs_backbone_paired")
             sequential = row["p50_ms"] / bare.get("wall_p50_ms", bare["p50_ms"]) - 1 if bare else None
             row["overhead_vs_backbone"] = paired["median"] if paired else sequential
+        if row["component"] == "predict-task-free":
+            row["overhead_vs_task_given"] = row["overhead_vs_task_given_paired"]["median"]
 
 
 def row_line(row: dict) -> str:
@@ -195,8 +198,9 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
     for r in rows:
         gpu_cell = (f"{r['device_mem_mb']:.0f}" if "device_mem_mb" in r else "-",) if gpu else ()
         speedup = "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.1f}x"
-        overhead = r.get("overhead_vs_backbone")
-        note = "" if overhead is None else f"{100 * overhead:+.0f}% vs backbone"
+        overhead, given = r.get("overhead_vs_backbone"), r.get("overhead_vs_task_given")
+        note = (f"{100 * overhead:+.0f}% vs backbone" if overhead is not None else
+                f"{100 * given:+.0f}% vs task given" if given is not None else "")
         lines.append((r["component"], r["runtime"], r["precision"], str(r["batch"]), f"{r['p50_ms']:.2f}",
                       f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput_ips']:.1f}", f"{r['rss_mb']:.0f}",
                       *gpu_cell, f"{r['cv']:.2f}", speedup, note))

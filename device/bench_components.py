@@ -31,7 +31,7 @@ log = logging.getLogger("pah_edge")
 
 INT8_ONNX = "backbone.int8.onnx"
 LEARN_TASK_RUNS = 5  # learn-task takes seconds per run: at most this many timed runs, one warm-up
-DEVICE_PATH = ("predict-e2e", "learn-task")  # components that run the device's own code, not one graph
+DEVICE_PATH = ("predict-e2e", "predict-task-free", "learn-task")  # components that run the device's own code, not one graph
 DEVICE_PATH_ONLY = ("the device path runs on onnxruntime or tensorrt; PyTorch eager is the reference for the "
                     "graphs (backbone, head-generation, learner-step) only")
 
@@ -201,6 +201,36 @@ def learner_step(ctx: Context, runtime: str, precision: str) -> Iterator[dict]:
 
 def predict_e2e(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
     """One image file -> decode, resize, preprocess, backbone, cached head, softmax: ``Predictor.predict``."""
+    block = paired_block(ctx)
+    with _predictor(ctx, runtime, precision) as (predictor, runner):
+        call = _predict_call(predictor, ctx, BENCH_TASK)
+        row = timed_row(ctx, call, items=1, labels={**_labels("predict-e2e", runtime, precision, 1),
+                                                     "runner": runner.name, "timing": "wall"})
+        # The bare backbone's own row ran minutes earlier: take turns with it for the overhead.
+        bare = wall_ms_call(runner, {"images": ctx.inputs.batch(1, ctx.bundle.preprocess)})
+        rounds = alternating({"predict": call, "backbone": bare}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
+    row["overhead_vs_backbone_paired"] = _spread([r["predict"] / r["backbone"] - 1 for r in rounds], block)
+    yield row
+
+
+def predict_task_free(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
+    """One image file, no task given: predict-e2e's path with the discriminant over every task's
+    classes and the novelty score in place of one generated head."""
+    if ctx.scratch.shared_stats() is None:
+        raise Skipped(f"the bundle has no task-free statistics: add them with `pah-edge task-stats {ctx.bundle.path}`")
+    block = paired_block(ctx)
+    with _predictor(ctx, runtime, precision) as (predictor, runner):
+        free, given = _predict_call(predictor, ctx, None), _predict_call(predictor, ctx, BENCH_TASK)
+        row = timed_row(ctx, free, items=1, labels={**_labels("predict-task-free", runtime, precision, 1),
+                                                     "runner": runner.name, "timing": "wall"})
+        rounds = alternating({"free": free, "given": given}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
+    row["overhead_vs_task_given_paired"] = _spread([r["free"] / r["given"] - 1 for r in rounds], block)
+    yield row
+
+
+@contextmanager
+def _predictor(ctx: Context, runtime: str, precision: str | None):
+    """(Predictor on the scratch bundle, its backbone runner of ``runtime`` and ``precision``), active."""
     if runtime == "torch":
         raise Skipped(DEVICE_PATH_ONLY)
     runner = graph_runner(ctx, "backbone", runtime, precision)
@@ -208,22 +238,19 @@ def predict_e2e(ctx: Context, runtime: str, precision: str | None) -> Iterator[d
     # Predictor picks its backbone by runtime only; the runner of this precision replaces it before
     # activation, so everything else timed is Predictor's own path.
     predictor.backbone = runner
+    with _quiet(), predictor:
+        yield predictor, runner
+
+
+def _predict_call(predictor: Predictor, ctx: Context, task: str | None) -> Callable[[], float]:
+    """A call predicting the bench frame at batch 1 (``task`` None: task-free); returns its wall ms."""
     files = [ctx.inputs.frame]
 
     def call() -> float:
         start = time.perf_counter()
-        predictor.predict(files, task=BENCH_TASK, batch_size=1)
+        predictor.predict(files, task=task, batch_size=1)
         return (time.perf_counter() - start) * 1e3
-
-    with _quiet(), predictor:
-        row = timed_row(ctx, call, items=1, labels={**_labels("predict-e2e", runtime, precision, 1),
-                                                     "runner": runner.name, "timing": "wall"})
-        # The bare backbone's own row ran minutes earlier: take turns with it for the overhead.
-        bare = wall_ms_call(runner, {"images": ctx.inputs.batch(1, ctx.bundle.preprocess)})
-        block = paired_block(ctx)
-        rounds = alternating({"predict": call, "backbone": bare}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
-    row["overhead_vs_backbone_paired"] = _spread([r["predict"] / r["backbone"] - 1 for r in rounds], block)
-    yield row
+    return call
 
 
 def learn_task_run(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
@@ -258,6 +285,7 @@ COMPONENTS: dict[str, Callable[[Context, str, str], Iterator[dict]]] = {
     "head-generation": head_generation,
     "learner-step": learner_step,
     "predict-e2e": predict_e2e,
+    "predict-task-free": predict_task_free,
     "learn-task": learn_task_run,
 }
 
@@ -271,7 +299,7 @@ def component_precisions(component: str, runtime: str, requested: tuple[str, ...
     """
     if runtime == "torch" and component in DEVICE_PATH:
         return (None,)
-    if component in ("backbone", "predict-e2e"):
+    if component in ("backbone", "predict-e2e", "predict-task-free"):
         return requested
     return ("auto",) if component == "learn-task" else ("fp32",)
 

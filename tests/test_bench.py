@@ -20,7 +20,7 @@ from pah_edge.errors import ConfigError
 
 REQUIRED = ("component", "runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "rss_mb",
             "cv", "iterations", "speedup_vs_torch")
-COMPONENTS = ("backbone", "head-generation", "learner-step", "predict-e2e", "learn-task")
+COMPONENTS = ("backbone", "head-generation", "learner-step", "predict-e2e", "predict-task-free", "learn-task")
 QUICK = {"iterations": 5, "warmup": 1, "threads": 1}
 
 
@@ -94,6 +94,9 @@ def test_ratios_against_torch_and_the_bare_backbone(measured):
     assert overhead["lowest"] <= overhead["median"] <= overhead["highest"] and overhead["rounds"] == 10
     assert overhead["median"] > 0  # predict runs the backbone and decodes a frame besides
     assert e2e["speedup_vs_torch"] is None  # PyTorch does not run the device path
+    free = _row(report, "predict-task-free", "onnxruntime", 1)  # taking turns with task-given predict
+    assert free["overhead_vs_task_given"] == free["overhead_vs_task_given_paired"]["median"]
+    assert free["overhead_vs_task_given_paired"]["rounds"] == 10 and free["overhead_vs_task_given"] > -0.5
 
 
 def test_skipped_runs_are_listed_with_reasons(measured):
@@ -101,6 +104,7 @@ def test_skipped_runs_are_listed_with_reasons(measured):
     assert skipped[("backbone", "onnxruntime", "int8")] == "no backbone.int8.onnx: run `pah-edge calibrate`"
     assert "TensorRT engine" in skipped[("backbone", "onnxruntime", "fp16")]
     assert "reference" in skipped[("predict-e2e", "torch", None)]
+    assert "reference" in skipped[("predict-task-free", "torch", None)]
     assert "FP32 reference only" in skipped[("backbone", "torch", "int8")]
 
 
@@ -125,8 +129,8 @@ def test_int8_rows_use_backbone_int8_onnx_and_real_images(made, tmp_path):
     report = run_bench(copy, config)
     assert report["settings"]["inputs"] == str(query)
     assert {(r["component"], r["precision"]) for r in report["results"]} == {
-        ("backbone", "int8"), ("predict-e2e", "int8"), ("head-generation", "fp32"), ("learner-step", "fp32"),
-        ("learn-task", "auto")}
+        ("backbone", "int8"), ("predict-e2e", "int8"), ("predict-task-free", "int8"), ("head-generation", "fp32"),
+        ("learner-step", "fp32"), ("learn-task", "auto")}
 
 
 @pytest.mark.skipif(tensorrt_problem() is None, reason="TensorRT works here")
@@ -242,3 +246,17 @@ def test_config_validates_when_called_as_a_library():
     assert BenchConfig.from_options(runtime="torch,onnxruntime", precision="int8,fp32", batch="8,1,8").batches == (1, 8)
     assert BenchConfig.from_options(runtime="all", precision="fp32", batch="1").runtimes == (
         "onnxruntime", "tensorrt", "torch")
+
+
+def test_task_free_predict_is_skipped_with_the_fix_on_a_bundle_without_statistics(made, tmp_path):
+    from pah_edge.bundle import Bundle
+    from pah_edge.device.bench_components import Context, Skipped, predict_task_free
+
+    copy = tmp_path / "old"
+    shutil.copytree(made[0], copy)
+    (copy / "task_free.json").unlink()  # as exported before task-free prediction existed
+    bundle = Bundle.open(copy)
+    ctx = Context(bundle=bundle, scratch=bundle, inputs=None, classes=4, warmup=0, iterations=1, batches=(1,),
+                  threads=1)
+    with pytest.raises(Skipped, match=r"no task-free statistics: add them with `pah-edge task-stats "):
+        next(predict_task_free(ctx, "onnxruntime", "fp32"))
