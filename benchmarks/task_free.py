@@ -127,7 +127,8 @@ def bench_seed(base_bundle: Path, digits: dict, fashion: dict, seed: int, shots:
     groups = {"fashion": [f.parent.name.startswith("fashion") for f in evaluated],
               "digits": [f.parent.name.startswith("d") for f in evaluated],
               "letters": [f.parent.name in LETTERS for f in evaluated]}
-    accuracy = {rule: {"all": _acc(answers, truth), **{g: _acc(answers, truth, mask) for g, mask in groups.items()}}
+    accuracy = {rule: {"all": _acc(answers, truth), "class_balanced": _balanced(answers, truth),
+                       **{g: _acc(answers, truth, mask) for g, mask in groups.items()}}
                 for rule, answers in rules.items()}
     result = {
         "accuracy": accuracy,
@@ -144,7 +145,7 @@ def bench_seed(base_bundle: Path, digits: dict, fashion: dict, seed: int, shots:
         "held_out_images": len(evaluated),
     }
     result["summary"] = (f"{bundle.manifest['backbone']} seed {seed}: " + ", ".join(
-        f"{rule} {100 * a['all']:.1f}" for rule, a in accuracy.items()) +
+        f"{rule} {100 * a['all']:.1f} ({100 * a['class_balanced']:.1f} class-balanced)" for rule, a in accuracy.items()) +
         f"; AUROC {result['auroc']['unseen_domain']:.3f} / {result['auroc']['unseen_classes']:.3f}")
     return result
 
@@ -189,6 +190,13 @@ def _truth(bundle: Bundle, file: Path) -> tuple[str, str]:
 def _acc(answers, truth, mask=None) -> float:
     right = np.array([a == t for a, t in zip(answers, truth)])
     return float(right[np.asarray(mask)].mean() if mask is not None else right.mean())
+
+
+def _balanced(answers, truth) -> float:
+    """Mean over classes of each class's accuracy: 10 Fashion classes weigh as much as 10 digits,
+    whatever the held-out images per class."""
+    right = np.array([a == t for a, t in zip(answers, truth)])
+    return float(np.mean([right[[t == c for t in truth]].mean() for c in dict.fromkeys(truth)]))
 
 
 def _auroc(known: np.ndarray, unknown: np.ndarray) -> float:

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ class Predictor:
         self.generator = generator_runner(bundle)
         self.heads: dict[str, np.ndarray] = {}  # task name -> head float32 [C, D]
         self._head_sources: dict[str, str] = {}  # task name -> SHA-256 of the prototypes it came from
-        self._rule: tuple[tuple, TaskFreeRule | None] | None = None  # (tasks and statistics it was built from, rule)
+        self._rule: _CachedRule | None = None
 
     def __enter__(self) -> Predictor:
         with ExitStack() as stack:  # a backbone that fails to start releases the generator again
@@ -96,43 +97,47 @@ class Predictor:
             self._head_sources[record.name] = record.sha256
         return self.heads[record.name]
 
-    def rule(self, task: str | None = None) -> TaskFreeRule | None:
-        """The task-free rule over every task with readable statistics (or over ``task`` alone).
+    def rule(self, *, warn: bool = True) -> TaskFreeRule | None:
+        """The task-free rule over every task with readable statistics; None for a bundle without the
+        shared state or without a task whose statistics are usable.
 
-        None when ``task`` is given but it or the bundle has no statistics. Without ``task``, a bundle
-        lacking the shared state is a BundleError naming the fix; a task whose statistics are missing
-        or corrupt is left out with one warning.
+        Built again only when the tasks or their statistics change (one D x D inverse: 0.1 s at
+        D = 1280), whichever task a call asks for. A task whose statistics are missing or corrupt is
+        left out, with one warning the first time ``warn`` is true.
         """
-        records = [self.bundle.task(task)] if task is not None else self.bundle.tasks()
-        if not records:
-            raise BundleError(f"{self.bundle.path} has no tasks: learn one with "
-                              f"`pah-edge learn-task FOLDER --bundle {self.bundle.path}`")
         shared = self.bundle.shared_stats()
         if shared is None:
-            if task is not None:
-                return None
+            return None
+        records = self.bundle.tasks()
+        key = tuple((r.name, r.stats_sha256) for r in records)
+        if self._rule is None or self._rule.key != key or self._rule.shared is not shared:
+            usable, problems = [], []
+            for record in records:
+                try:
+                    usable.append((record, self.bundle.load_task_stats(record)))
+                except BundleError as exc:
+                    problems.append(f"task {record.name!r} is left out of task-free prediction: {exc}")
+            self._rule = _CachedRule(key, shared, TaskFreeRule(shared, usable) if usable else None, problems)
+        if warn and not self._rule.warned:
+            for problem in self._rule.problems:
+                log.warning("%s", problem)
+            self._rule.warned = True
+        return self._rule.rule
+
+    def _task_free_rule(self) -> TaskFreeRule:
+        """:meth:`rule`, or a BundleError naming the fix when there is none."""
+        if not self.bundle.tasks():
+            raise BundleError(f"{self.bundle.path} has no tasks: learn one with "
+                              f"`pah-edge learn-task FOLDER --bundle {self.bundle.path}`")
+        if self.bundle.shared_stats() is None:
             raise BundleError(f"{self.bundle.path} has no task-free statistics (exported before they existed): add "
                               f"them with `pah-edge task-stats {self.bundle.path} --checkpoint RUN_DIR` (or --images "
                               "DIR), or pass --task NAME")
-        key = (task, tuple((r.name, r.stats_sha256) for r in records))
-        if self._rule is None or self._rule[0] != key:
-            self._rule = (key, self._build_rule(shared, records, warn=task is None))
-        return self._rule[1]
-
-    def _build_rule(self, shared: SharedStats, records: list[TaskRecord], *, warn: bool) -> TaskFreeRule | None:
-        usable = []
-        for record in records:
-            try:
-                usable.append((record, self.bundle.load_task_stats(record)))
-            except BundleError as exc:
-                if warn:
-                    log.warning("task %r is left out of task-free prediction: %s", record.name, exc)
-        if not usable:
-            if not warn:
-                return None
+        rule = self.rule()
+        if rule is None:
             raise BundleError(f"no task of {self.bundle.path} has usable task-free statistics; add them with "
                               f"`pah-edge task-stats {self.bundle.path} --images DIR`, or pass --task NAME")
-        return TaskFreeRule(shared, usable)
+        return rule
 
     def predict(self, paths: Sequence[str | os.PathLike[str]], *, task: str | None = None, batch_size: int = 32,
                 novelty_threshold: float | None = None) -> list[dict]:
@@ -144,13 +149,14 @@ class Predictor:
         anything learned); known = novelty <= the threshold (the bundle's, or ``novelty_threshold``),
         and an unknown image has task and label None. With ``task``: that task's generated head
         decides label and confidence (its softmax probability), as in training; novelty is measured
-        against that task's classes and known only informs (None without statistics). Unreadable
+        against that task's classes (under the covariance of every task, so it moves as the bundle
+        learns; label and confidence do not) and known only informs (None without statistics). Unreadable
         images are skipped with one warning; if none is readable, DataError.
         """
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-        rule = self.rule(task)
         head_record = self.bundle.task(task) if task is not None else None
+        rule = self._task_free_rule() if task is None else self.rule(warn=False)
         files = image_files(paths)
         if not files:
             shown = ", ".join(map(str, paths))
@@ -175,6 +181,18 @@ class Predictor:
         return results
 
 
+@dataclass
+class _CachedRule:
+    """The task-free rule (None: no usable statistics), the tasks, statistics and shared state it was
+    built from, and the tasks it had to leave out."""
+
+    key: tuple
+    shared: SharedStats
+    rule: TaskFreeRule | None
+    problems: list[str]
+    warned: bool = False
+
+
 def _task_free(feats: np.ndarray, files: list[Path], rule: TaskFreeRule, threshold: float | None) -> list[dict]:
     scores, novelty = rule.scores(feats)
     posterior = softmax(scores)
@@ -192,7 +210,8 @@ def _task_free(feats: np.ndarray, files: list[Path], rule: TaskFreeRule, thresho
 def _task_given(feats: np.ndarray, files: list[Path], record: TaskRecord, head: np.ndarray,
                 rule: TaskFreeRule | None, threshold: float | None) -> list[dict]:
     probs = softmax(feats @ head.T)
-    novelty = rule.scores(feats)[1] if rule is not None else [None] * len(files)
+    index = next((t for t, r in enumerate(rule.tasks) if r.name == record.name), None) if rule else None
+    novelty = rule.scores(feats, task=index)[1] if index is not None else [None] * len(files)
     return [{"path": str(file), "task": record.name, "label": record.class_names[probs[i].argmax()],
              "confidence": float(probs[i].max()), "novelty": None if novelty[i] is None else float(novelty[i]),
              "known": _known(novelty[i], threshold)} for i, file in enumerate(files)]

@@ -152,11 +152,14 @@ class TaskFreeRule:
         self.weights = (means @ self.precision).astype(np.float32)  # [K, D]
         self.bias = (-0.5 * np.einsum("kd,kd->k", self.weights, means)).astype(np.float32)
 
-    def scores(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, features: np.ndarray, task: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(discriminant scores [N, K] over every class, novelty [N]); novelty against the classes of
+        ``tasks[task]`` alone when ``task`` is given."""
         z = transform(features, self.shared.mean).astype(np.float32)
         scores = z @ self.weights.T + self.bias
+        nearest = scores if task is None else scores[:, self.task_of == task]
         # min_k Mahalanobis^2 = z'Pz - 2 max_k (mu_k'Pz - mu_k'P mu_k / 2); divided by D for a per-axis scale.
-        novelty = (np.einsum("nd,nd->n", z @ self.precision, z) - 2 * scores.max(axis=1)) / z.shape[1]
+        novelty = (np.einsum("nd,nd->n", z @ self.precision, z) - 2 * nearest.max(axis=1)) / z.shape[1]
         return scores, novelty
 
 
