@@ -90,7 +90,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None, *, jso
     skipped: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="pah-edge-bench-") as work:
         inputs = prepare_inputs(bundle.preprocess, config.images, Path(work), classes=classes)
-        ctx = Context(bundle=bundle, scratch=scratch_bundle(bundle, Path(work), classes=classes), inputs=inputs,
+        ctx = Context(bundle=bundle, scratch=scratch_bundle(bundle, Path(work), inputs, classes=classes), inputs=inputs,
                       classes=classes, warmup=config.warmup, iterations=config.iterations, batches=config.batches,
                       threads=config.threads, rss_per_row=reset_peak_rss())
         for runtime in config.runtimes:

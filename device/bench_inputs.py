@@ -15,9 +15,12 @@ import numpy as np
 from PIL import Image
 
 from pah_edge.bundle import LOCK_NAME, Bundle
+from pah_edge.device.bundle_runners import backbone_runner
 from pah_edge.device.predict import image_files
+from pah_edge.device.task_stats import features_of_arrays
 from pah_edge.errors import DataError
 from pah_edge.preprocess import IMAGE_SUFFIXES, Preprocess, load_image, to_input
+from pah_edge.task_free import task_stats
 
 IMAGES_PER_CLASS = 8  # of the synthetic learn-task task: 10 classes x 8 images, like a quick on-site capture
 DEFAULT_CLASSES = 10
@@ -97,8 +100,9 @@ def _read_images(folder: Path, preprocess: Preprocess, count: int) -> tuple[np.n
     return np.stack(decoded), first
 
 
-def scratch_bundle(bundle: Bundle, work: Path, *, classes: int) -> Bundle:
-    """A private copy of ``bundle`` in ``work`` with task ``bench`` (random prototypes, ``classes`` classes).
+def scratch_bundle(bundle: Bundle, work: Path, inputs: Inputs, *, classes: int) -> Bundle:
+    """A private copy of ``bundle`` in ``work`` with task ``bench`` (random prototypes, ``classes`` classes;
+    task-free statistics from the features of ``inputs.pool`` when the bundle has the shared state).
 
     learn-task registers tasks and takes the bundle's lock, and prediction needs a task: both happen
     in the copy, so the user's bundle stays byte-identical.
@@ -106,6 +110,13 @@ def scratch_bundle(bundle: Bundle, work: Path, *, classes: int) -> Bundle:
     copy = Path(shutil.copytree(bundle.path, work / "bundle", ignore=shutil.ignore_patterns(LOCK_NAME)))
     scratch = Bundle.open(copy, verify=False)  # copied from a bundle that was just verified
     prototypes = 0.1 * np.random.default_rng(0).standard_normal((classes, *scratch.prototype_shape))
+    stats = None
+    if scratch.shared_stats() is not None:  # task-free prediction then covers this task as it does any other
+        with backbone_runner(scratch, "onnxruntime-cpu", "fp32") as runner:
+            # The learn-task folder's images and labels: the pool cycled to IMAGES_PER_CLASS per class.
+            order = np.arange(classes * IMAGES_PER_CLASS)
+            features = features_of_arrays(runner, inputs.pool[order % len(inputs.pool)], scratch)
+        stats = task_stats(features, order % classes, classes)
     scratch.add_task(name=BENCH_TASK, class_names=[f"class{i:02d}" for i in range(classes)], prototypes=prototypes,
-                     images_seen=0, accuracy=None, source="device", replace=True)
+                     images_seen=0, accuracy=None, source="device", replace=True, stats=stats)
     return scratch

@@ -260,3 +260,17 @@ def test_task_free_predict_is_skipped_with_the_fix_on_a_bundle_without_statistic
                   threads=1)
     with pytest.raises(Skipped, match=r"no task-free statistics: add them with `pah-edge task-stats "):
         next(predict_task_free(ctx, "onnxruntime", "fp32"))
+
+
+def test_the_scratch_task_takes_part_in_task_free_prediction(made, tmp_path):
+    from pah_edge.bundle import Bundle
+    from pah_edge.device.bench_inputs import prepare_inputs, scratch_bundle
+    from pah_edge.device.predict import Predictor
+
+    bundle = Bundle.open(made[0])
+    inputs = prepare_inputs(bundle.preprocess, None, tmp_path, classes=4)
+    scratch = scratch_bundle(bundle, tmp_path, inputs, classes=4)
+    with Predictor(scratch, runtime="onnxruntime-cpu") as predictor:
+        rule = predictor.rule()
+    assert "bench" in [t.name for t in rule.tasks] and len(rule.tasks) == len(scratch.tasks())
+    assert "bench" not in [t.name for t in Bundle.open(made[0]).tasks()]  # the user's bundle: untouched
