@@ -228,7 +228,7 @@ class TensorRTRunner(Runner):
                 )
             host, device = self._buffer(name, array.shape)
             np.copyto(host, array)
-            cuda.memcpy_htod_asnyc(device, host, stream)
+            cuda.memcpy_htod_async(device, host, stream)
             context.set_tensor_address(name, int(device))
         outputs = {}
         for name in self._outputs:
@@ -236,7 +236,7 @@ class TensorRTRunner(Runner):
             context.set_tensor_address(name, int(device))
             outputs[name] = (host, device)
         self._start.record(stream)
-        ok = context.execute_async_v2(stream.handle)
+        ok = context.execute_async_v3(stream.handle)
         self._end.record(stream)
         if ok:
             for host, device in outputs.values():
