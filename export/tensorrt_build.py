@@ -197,7 +197,8 @@ def _set_precision_flags(trt, config, precision: str, strongly_typed: bool) -> N
         config.clear_flag(trt.BuilderFlag.TF32)
     if strongly_typed:
         return  # the model's own types (FP16 copy, Q/DQ nodes) decide
-    if precision in ("fp16", "int8"):
+    # TensorRT 10 only from here: 11 removed both flags (hasattr says so to tests/test_tensorrt_api.py too).
+    if precision in ("fp16", "int8") and hasattr(trt.BuilderFlag, "FP16"):
         # For int8, FP16 serves the layers the Q/DQ model leaves unquantized.
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8" and hasattr(trt.BuilderFlag, "INT8"):
