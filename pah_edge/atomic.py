@@ -6,32 +6,56 @@ new one, never a torn mix. Torch-free: the device side uses it for its bundle wr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 
+from pah_edge.errors import StorageError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (same-directory temp file, fsync, rename, fsync dir)."""
+    """Replace ``path`` with ``data`` atomically (same-directory temp file, fsync, rename, fsync dir).
+
+    A failed write (full disk, file-size limit, read-only or failing storage) leaves ``path`` as it
+    was and no temporary file, and raises StorageError naming the fix.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise storage_error(exc, path) from None
         raise
-    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+# Faults of the storage, not of pah-edge: errno -> the fix.
+STORAGE_ERRNOS = {errno.ENOSPC: "free space on its file system", errno.EDQUOT: "free space within your disk quota",
+                  errno.EFBIG: "raise the file-size limit (ulimit -f)", errno.EROFS: "make {folder} writable",
+                  errno.EACCES: "make {folder} writable", errno.EPERM: "make {folder} writable",
+                  errno.EIO: "check the storage device (an I/O error)"}
+
+
+def storage_error(exc: OSError, path: Path) -> StorageError:
+    """``exc`` from writing ``path`` as one line that names the fix."""
+    fix = STORAGE_ERRNOS.get(exc.errno, "check the file system").format(folder=path.parent)
+    return StorageError(f"could not write {path} ({exc.strerror or exc}): {fix}, then run the command again")
 
 
 def fsync_dir(directory: Path) -> None:

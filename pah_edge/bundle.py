@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from pah_edge.atomic import atomic_write_bytes, atomic_write_json
-from pah_edge.errors import PahEdgeError
+from pah_edge.errors import PahEdgeError, StorageError
 from pah_edge.preprocess import Preprocess
 from pah_edge.task_free import SharedStats, TaskStats
 
@@ -390,20 +390,26 @@ class Bundle:
         data = buffer.getvalue()
         sha = hashlib.sha256(data).hexdigest()
         file = self._free_task_file(name, sha, taken={r.file for r in records})
-        atomic_write_bytes(self.path / file, data)
-        stats_file, stats_sha = self._write_stats(file, stats, taken={r.stats_file for r in records}) \
-            if stats is not None else (None, None)
-        record = TaskRecord(name=name, class_names=class_names, file=file, sha256=sha, images_seen=int(images_seen),
-                            accuracy=None if accuracy is None else float(accuracy), created=utc_now(),
-                            bytes=len(data), source=source, stats_file=stats_file, stats_sha256=stats_sha)
-        if old is None:
-            records.append(record)
-        else:
-            records = [record if r.name == name else r for r in records]
-        self._write_registry(records)
+        written = [file]
+        try:
+            atomic_write_bytes(self.path / file, data)
+            stats_file, stats_sha = self._write_stats(file, stats, taken={r.stats_file for r in records}) \
+                if stats is not None else (None, None)
+            written.append(stats_file)
+            record = TaskRecord(name=name, class_names=class_names, file=file, sha256=sha,
+                                images_seen=int(images_seen), accuracy=None if accuracy is None else float(accuracy),
+                                created=utc_now(), bytes=len(data), source=source, stats_file=stats_file,
+                                stats_sha256=stats_sha)
+            self._write_registry([record if r.name == name else r for r in records] if old else [*records, record])
+        except StorageError:
+            # The registry still names the old files only: what this call wrote goes, nothing else.
+            referenced = {f for r in records for f in (r.file, r.stats_file)}
+            for orphan in set(written) - referenced - {None}:
+                self._unlink_quietly(self.path / orphan)
+            raise
         if old is not None:
             for old_file in {old.file, old.stats_file} - {file, stats_file, None}:
-                (self.path / old_file).unlink(missing_ok=True)
+                self._unlink_quietly(self.path / old_file)
         return record
 
     def remove_task(self, name: str) -> None:
@@ -412,7 +418,7 @@ class Bundle:
         self._write_registry([r for r in self.tasks() if r.name != name])
         for file in (record.file, record.stats_file):
             if file is not None:
-                self._task_file(record, file).unlink(missing_ok=True)
+                self._unlink_quietly(self._task_file(record, file))
 
     def rename_task(self, old: str, new: str) -> None:
         """Rename a task in the registry; its file keeps its name (the registry maps names to files)."""
@@ -466,12 +472,21 @@ class Bundle:
         # The content-named file, if it exists, already holds these very bytes: rewriting it is harmless.
         return next(free, candidates[1])
 
+    @staticmethod
+    def _unlink_quietly(file: Path) -> None:
+        """Delete a file no registry entry names; on storage that refuses, it stays an orphan that the
+        next holder of the lock deletes."""
+        try:
+            file.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not delete %s (%s); it is removed on the next change to the bundle", file, exc.strerror)
+
     def _remove_orphans(self) -> None:
         referenced = {f for r in self.tasks() for f in (r.file, r.stats_file)}
         for file in (self.path / "tasks").glob("*"):
             orphan = file.suffix == ".npz" and f"tasks/{file.name}" not in referenced
             if orphan or (file.name.startswith(".") and file.name.endswith(".tmp")):
-                file.unlink(missing_ok=True)
+                self._unlink_quietly(file)
                 log.info("removed %s, left by an interrupted write", file)
 
     def _write_registry(self, records: list[TaskRecord]) -> None:

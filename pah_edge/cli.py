@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from pah_edge.atomic import STORAGE_ERRNOS, storage_error
 from pah_edge.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT_PER_CLASS
 from pah_edge.errors import PahEdgeError
 from pah_edge.task_free import STATS_PER_CLASS
@@ -32,18 +33,27 @@ def _root() -> None:
 
 
 def user_errors(command):
-    """Print a PahEdgeError as one line and exit 1; anything else is a bug and keeps its traceback."""
+    """Print a PahEdgeError, or a storage fault from a write outside the bundle's own (a scratch copy,
+    a library's file), as one line and exit 1; anything else is a bug and keeps its traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except PahEdgeError as exc:
-            # escape: a message quoting `pip install 'pah-edge[tensorrt]'` must not lose "[tensorrt]" as markup
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            _print_error(exc)
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            _print_error(storage_error(exc, Path(exc.filename or "a file")))
+        raise typer.Exit(1)
 
     return wrapper
+
+
+def _print_error(exc: Exception) -> None:
+    # escape: a message quoting `pip install 'pah-edge[tensorrt]'` must not lose "[tensorrt]" as markup
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -15,3 +15,7 @@ class ConfigError(PahEdgeError):
 
 class CheckpointError(PahEdgeError):
     """A checkpoint or run directory is missing, incompatible or corrupt."""
+
+
+class StorageError(PahEdgeError):
+    """A write failed: full disk, file-size limit, read-only or failing storage."""

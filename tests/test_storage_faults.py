@@ -1,0 +1,85 @@
+"""Storage faults while a command changes a bundle: one line, exit 1, the bundle as it was, no temporary files.
+
+A file-size limit (RLIMIT_FSIZE, which any user may lower for a child process) stands in for a full
+disk: both make write() fail part-way (EFBIG, ENOSPC) through the same code paths.
+"""
+
+import errno
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import write_image_folder
+from tiny_bundle import make_tiny_bundle
+
+from pah_edge.atomic import atomic_write_bytes
+from pah_edge.errors import StorageError
+
+LIMIT_BYTES = 64  # below every file a task change writes (registry JSON, npz files)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, mnist_digits):
+    root = tmp_path_factory.mktemp("storage")
+    new_task = write_image_folder(root / "new", mnist_digits, {"pairs": [1, 7]}, per_class=12) / "pairs"
+    return make_tiny_bundle(root, mnist_digits), new_task
+
+
+@pytest.fixture
+def bundle_dir(made, tmp_path):
+    return shutil.copytree(made[0], tmp_path / "bundle")
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _limited_cli(*args, limit=LIMIT_BYTES):
+    """``pah-edge ARGS`` in a child process that may write files of at most ``limit`` bytes."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "pah_edge.cli", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit_file_size, timeout=300)
+
+
+@pytest.mark.parametrize("command", [
+    ("learn-task", "{new}", "--bundle", "{bundle}", "--runtime", "onnxruntime-cpu", "--no-progress"),
+    ("tasks", "remove", "a", "--bundle", "{bundle}"),
+    ("tasks", "rename", "a", "first", "--bundle", "{bundle}"),
+])
+def test_a_write_that_fails_leaves_the_bundle_as_it_was(bundle_dir, made, command):
+    before = _files(bundle_dir)
+    args = [part.format(new=made[1], bundle=bundle_dir) for part in command]
+    result = _limited_cli(*args)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "could not write" in line and "ulimit -f" in line and "run the command again" in line
+    after = _files(bundle_dir)
+    assert {k: v for k, v in after.items() if k != ".lock"} == before  # learn-task creates the empty lock file
+    assert after.get(".lock", b"") == b""
+    assert not [p for p in bundle_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_the_same_commands_succeed_once_the_storage_allows(bundle_dir, made):
+    result = _limited_cli("learn-task", made[1], "--bundle", bundle_dir, "--runtime", "onnxruntime-cpu",
+                          "--no-progress", limit=resource.RLIM_INFINITY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pairs" in (bundle_dir / "tasks" / "registry.json").read_text()
+
+
+def test_atomic_write_names_the_fix_for_each_fault(tmp_path, monkeypatch):
+    target = tmp_path / "file.json"
+    target.write_bytes(b"old")
+    for code, fix in [(errno.ENOSPC, "free space"), (errno.EROFS, f"make {tmp_path} writable"),
+                      (errno.EIO, "storage device")]:
+        def failing_fsync(fd, code=code):
+            raise OSError(code, "injected")
+
+        monkeypatch.setattr("os.fsync", failing_fsync)
+        with pytest.raises(StorageError, match=fix):
+            atomic_write_bytes(target, b"new")
+        assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["file.json"]
