@@ -102,8 +102,8 @@ class Predictor:
         shared state or without a task whose statistics are usable.
 
         Built again only when the tasks or their statistics change (one D x D inverse: 0.1 s at
-        D = 1280), whichever task a call asks for. A task whose statistics are missing or corrupt is
-        left out, with one warning the first time ``warn`` is true.
+        D = 1280), whichever task a call asks for. A task whose statistics or prototypes are missing
+        or corrupt is left out, with one warning the first time ``warn`` is true.
         """
         shared = self.bundle.shared_stats()
         if shared is None:
@@ -114,6 +114,7 @@ class Predictor:
             usable, problems = [], []
             for record in records:
                 try:
+                    self.bundle.load_prototypes(record.name)  # a task whose own files fail answers nothing
                     usable.append((record, self.bundle.load_task_stats(record)))
                 except BundleError as exc:
                     problems.append(f"task {record.name!r} is left out of task-free prediction: {exc}")

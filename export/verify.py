@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pah_edge.bundle import Bundle, sha256_file
+from pah_edge.bundle import Bundle, BundleError, sha256_file
 from pah_edge.errors import PahEdgeError
 from pah_edge.export.onnx_export import GRAPH_TOLERANCES, Tolerance, merge_worst, parity
 from pah_edge.export.parity_inputs import backbone_inputs, learner_step_inputs, prototype_sets
@@ -39,8 +39,9 @@ def verify_bundle(path: Path, *, images: Path | None = None) -> dict:
     report["reference"] (torch, else onnxruntime), the "tolerance" and whether it is "ok";
     report["runtimes"]: "ok" or "skipped (reason)" per runtime; report["ok"]: every row within.
     """
-    bundle = Bundle.open(path)  # raises BundleError on any hash mismatch
-    feeds = _feeds(bundle, images)
+    bundle = Bundle.open(path)  # raises BundleError on a hash mismatch of the manifest's files
+    tasks = task_states(bundle)
+    feeds = _feeds(bundle, [name for name, state in tasks.items() if state["usable"]], images)
     outputs: dict[str, dict[str, list[dict]]] = {}  # runtime -> graph -> outputs per feed
     status: dict[str, str] = {}
     tolerances: dict[str, dict[str, Tolerance]] = {}  # runtime -> graph -> tolerance
@@ -68,12 +69,32 @@ def verify_bundle(path: Path, *, images: Path | None = None) -> dict:
                 rows.append({"graph": graph, "runtime": runtime, "reference": reference, "output": output, **err,
                              "tolerance": tolerance.to_dict(), "ok": ok})
     return {"bundle": str(bundle.path), "inputs": {g: len(f) for g, f in feeds.items()}, "runtimes": status,
-            "reference": reference, "rows": rows, "ok": all(r["ok"] for r in rows)}
+            "reference": reference, "rows": rows, "tasks": tasks,
+            "ok": all(r["ok"] for r in rows) and all(t["usable"] for t in tasks.values())}
 
 
-def _feeds(bundle: Bundle, images: Path | None) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Per graph, the input batches: the export's parity inputs rebuilt from the bundle alone."""
-    tasks = [(t.name, bundle.load_prototypes(t.name)) for t in bundle.tasks()]
+def task_states(bundle: Bundle) -> dict[str, dict]:
+    """Per task: ``usable`` (its prototypes verify: task-given prediction works), ``task_free`` (its
+    statistics verify too) and ``problem`` (what is wrong and the fix, or None)."""
+    states = {}
+    for record in bundle.tasks():
+        state = {"usable": False, "task_free": False, "problem": None}
+        try:
+            bundle.load_prototypes(record.name)
+            state["usable"] = True
+            if bundle.shared_stats() is not None:
+                bundle.load_task_stats(record)
+                state["task_free"] = True
+        except BundleError as exc:
+            state["problem"] = str(exc)
+        states[record.name] = state
+    return states
+
+
+def _feeds(bundle: Bundle, task_names: list[str], images: Path | None) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per graph, the input batches: the export's parity inputs rebuilt from the bundle alone (the
+    prototypes of ``task_names``)."""
+    tasks = [(name, bundle.load_prototypes(name)) for name in task_names]
     image_batches = [a for _, a in backbone_inputs(bundle.preprocess, tasks, images)]
     proto_sets = [a for _, a in prototype_sets(tasks, bundle.prototype_shape, bundle.fixed_num_classes)]
     # The learner step needs features; ONNX Runtime's are the ones every runtime can reproduce.

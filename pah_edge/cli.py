@@ -507,10 +507,15 @@ def verify(
 
     report = verify_bundle(bundle, images=images)
     _print_verify_report(report)
-    if not report["ok"]:
-        failed = sorted({f"{r['graph']} on {r['runtime']}" for r in report["rows"] if not r["ok"]})
+    failed = sorted({f"{r['graph']} on {r['runtime']}" for r in report["rows"] if not r["ok"]})
+    if failed:
         err_console.print(f"[bold red]error:[/] {', '.join(failed)} beyond tolerance; re-export the bundle "
                           "or rebuild its engines", highlight=False, soft_wrap=True)
+    broken = [name for name, state in report["tasks"].items() if not state["usable"]]
+    if broken:
+        err_console.print(f"[bold red]error:[/] task(s) {', '.join(broken)} unavailable (see above); learn them "
+                          "again or remove them with `pah-edge tasks remove NAME`", highlight=False, soft_wrap=True)
+    if not report["ok"]:
         raise typer.Exit(1)
 
 
@@ -553,6 +558,16 @@ def _print_verify_report(report: dict) -> None:
         Console().print(table)
     else:
         typer.echo("nothing to compare: only ONNX Runtime is available here (hashes verified)")
+    for name, state in report["tasks"].items():
+        typer.echo(f"task {name}: {_task_state_text(state)}")
+
+
+def _task_state_text(state: dict) -> str:
+    if not state["usable"]:
+        return f"UNAVAILABLE: {state['problem']}"
+    if state["task_free"]:
+        return "ok"
+    return f"task given only: {state['problem'] or 'the bundle has no task-free statistics'}"
 
 
 @app.command()

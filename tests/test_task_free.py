@@ -126,18 +126,28 @@ def test_task_stats_needs_exactly_one_source(bundle_dir, tmp_path):
     _one_line_error(_cli("task-stats", bundle_dir, "--images", tmp_path / "other"), "no folder named after a task")
 
 
-def test_a_corrupt_task_is_left_out_with_one_warning_and_the_others_answer(bundle_dir, made, caplog):
+@pytest.mark.parametrize("damaged", ["statistics", "prototypes"])
+def test_a_corrupt_task_is_left_out_with_one_warning_and_the_others_answer(bundle_dir, made, caplog, damaged):
     query = made[1]
-    stats_file = bundle_dir / Bundle.open(bundle_dir).task("b").stats_file
+    record = Bundle.open(bundle_dir).task("b")
+    stats_file = bundle_dir / (record.stats_file if damaged == "statistics" else record.file)
     data = stats_file.read_bytes()
     stats_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with caplog.at_level(logging.WARNING, "pah_edge"):
         predictions = _predict(bundle_dir, query, novelty_threshold=1e9)
     assert {p["task"] for p in predictions} <= {"a", "c"} and len(predictions) == len(QUERY_FILES)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "task 'b'" in warnings[0] and "pah-edge task-stats" in warnings[0]
+    fix = "pah-edge task-stats" if damaged == "statistics" else "learn task 'b' again"
+    assert len(warnings) == 1 and "task 'b'" in warnings[0] and fix in warnings[0]
     result = _cli("predict", query, "--bundle", bundle_dir)
     assert result.exit_code == 0 and "Traceback" not in result.output
+    verified = _cli("verify", bundle_dir)  # lists every task's state; a task that cannot answer fails it
+    assert "task a: ok" in verified.stdout and "task c: ok" in verified.stdout
+    if damaged == "statistics":
+        assert verified.exit_code == 0 and "task b: task given only: " in verified.stdout
+    else:
+        assert verified.exit_code == 1 and "task b: UNAVAILABLE: " in verified.stdout
+        assert "task(s) b unavailable" in verified.stderr
 
 
 def test_a_corrupt_shared_state_is_one_line_and_exit_1(bundle_dir, made):
