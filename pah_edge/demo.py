@@ -27,9 +27,8 @@ log = logging.getLogger("pah_edge")
 
 # ImageNet weights, frozen: the base a real user starts from, and the ImageNet model that installs
 # offline (torchvision's files need a download). Its features transfer to the digits, which a base
-# trained from scratch on Fashion-MNIST's 28 px clothes cannot give (20 % on 10 digits). The size,
-# measured on 2 cores at 96 / 128 / 144 / 160 px: held-out digits with the task given 84-86 / 88-90 /
-# 88.5 / 90 %, clothes task-free 83 / 84.5 / 86.5 / 86.5 %, the whole job 60 / 70 / 90 / 115 s.
+# trained from scratch on Fashion-MNIST's 28 px clothes cannot give. The image size is the one that
+# keeps the whole job within 2 minutes on 2 cores with margin (docs/benchmarks.md, "The main job").
 BACKBONE, IMAGE_SIZE, PRETRAINED = "efficientnet_lite0", 144, True
 RUNTIME = "onnxruntime-cpu"  # every machine has it, so the demo's numbers mean the same everywhere
 NEW_TASK = "digits"
@@ -49,9 +48,8 @@ class HeldOut:
     label: str  # class name, as the task that holds it names it
 
 
-# The base training of the main job (the generator on cached features; ~1 minute on 2 CPU cores):
-# 98 % average accuracy, forgetting 0.2 points. With 100 images per class it reached 96.7 %,
-# forgetting 1.4, and the digits learned on it lost a point.
+# The base training of the main job: the generator on cached features (fewer images per class
+# forgot more and taught the generator less; docs/benchmarks.md, "The main job").
 DEFAULT_EPOCHS = 3
 DEFAULT_LIMIT_PER_CLASS = 200
 

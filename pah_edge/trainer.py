@@ -53,8 +53,7 @@ from pah_edge.progress import bar_progress
 log = logging.getLogger("pah_edge")
 
 EVAL_BATCH = 256
-# On a CPU, large batches spill the caches: EfficientNet-Lite0 at 128 px ran 150 images/s at batch 16
-# against 35 at batch 256 on 2 cores (measured 2026-12-02).
+# On a CPU, large batches spill the caches (4x slower at 256 than at 16; docs/benchmarks.md, "The main job").
 CPU_EVAL_BATCH = 16
 FEATURES_IN_MEMORY_MAX = 1 << 30  # bytes of one image set's features; a larger set's go to a memory-mapped file
 
