@@ -15,3 +15,7 @@ class ConfigError(PahEdgeError):
 
 class CheckpointError(PahEdgeError):
     """A checkpoint or run directory is missing, incompatible or corrupt."""
+
+
+class FrameError(PahEdgeError):
+    """An in-memory frame is not an H x W x 3 (or H x W) uint8 image."""
