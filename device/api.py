@@ -77,11 +77,11 @@ class Device:
     bundle's. The backbone starts on the first prediction (or on ``with``) and is shared with learning.
     """
 
-    def __init__(self, bundle: str | os.PathLike = "bundle", *, runtime: str = "auto", precision: str = "fp32",
+    def __init__(self, bundle: str | os.PathLike | Bundle = "bundle", *, runtime: str = "auto", precision: str = "fp32",
                  novelty_threshold: float | None = None):
-        self.bundle = Bundle.open(bundle)
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.runtime, self.precision, self.novelty_threshold = runtime, precision, novelty_threshold
-        self._predictor = Predictor(self.bundle, runtime=runtime, precision=precision)  # checks both options
+        self.predictor = Predictor(self.bundle, runtime=runtime, precision=precision)  # checks both options
         self._started = False
 
     def __enter__(self) -> Device:
@@ -95,13 +95,13 @@ class Device:
         """Stop the runtimes; a later prediction starts them again."""
         if self._started:
             self._started = False
-            self._predictor.__exit__(None, None, None)
+            self.predictor.__exit__(None, None, None)
 
     def _running(self) -> Predictor:
         if not self._started:
-            self._predictor.__enter__()
+            self.predictor.__enter__()
             self._started = True
-        return self._predictor
+        return self.predictor
 
     # --- prediction ------------------------------------------------------------------------------------
 
@@ -159,7 +159,7 @@ class Device:
     def _learn_options(self, options: dict) -> dict:
         # Learning uses this device's runtime and precision, so its tasks are predicted as they were
         # learned; a started backbone is shared rather than loaded twice.
-        shared = {"backbone": self._predictor.backbone} if self._started else {}
+        shared = {"backbone": self.predictor.backbone} if self._started else {}
         return {"progress": False, "runtime": self.runtime, "precision": self.precision, **shared, **options}
 
     def tasks(self) -> list[TaskRecord]:

@@ -16,13 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from pah_edge.bundle import Bundle
 from pah_edge.device.bench_inputs import BENCH_TASK, IMAGES_PER_CLASS, Inputs
 from pah_edge.device.bench_timing import NOISY_CV, alternating, measure, wall_ms_call
 from pah_edge.device.bundle_runners import backbone_engine, max_batch
 from pah_edge.device.learner import learn_task
-from pah_edge.device.predict import Predictor
+from pah_edge.device.api import Device
 from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.device.runtimes.tensorrt import build_command
 from pah_edge.machine import peak_rss_mb, reset_peak_rss
@@ -31,7 +32,8 @@ log = logging.getLogger("pah_edge")
 
 INT8_ONNX = "backbone.int8.onnx"
 LEARN_TASK_RUNS = 5  # learn-task takes seconds per run: at most this many timed runs, one warm-up
-DEVICE_PATH = ("predict-e2e", "learn-task")  # components that run the device's own code, not one graph
+PREDICTION = ("predict-e2e", "predict-frame")  # timed against the bare backbone
+DEVICE_PATH = (*PREDICTION, "learn-task")  # components that run the device's own code, not one graph
 DEVICE_PATH_ONLY = ("the device path runs on onnxruntime or tensorrt; PyTorch eager is the reference for the "
                     "graphs (backbone, head-generation, learner-step) only")
 
@@ -200,30 +202,45 @@ def learner_step(ctx: Context, runtime: str, precision: str) -> Iterator[dict]:
 
 
 def predict_e2e(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
-    """One image file -> decode, resize, preprocess, backbone, cached head, softmax: ``Predictor.predict``."""
+    """One image file -> decode, resize, preprocess, backbone, cached head, softmax: ``Device.predict_files``."""
+    files = [ctx.inputs.frame]
+    yield _prediction_row(ctx, "predict-e2e", runtime, precision,
+                          lambda dev: dev.predict_files(files, task=BENCH_TASK, batch_size=1))
+
+
+def predict_frame(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
+    """One in-memory RGB frame (the file's pixels, 640 x 480 when synthetic) -> resize, preprocess,
+    backbone, cached head, softmax: ``Device.predict``, as an application loop calls it."""
+    with Image.open(ctx.inputs.frame) as image:
+        frame = np.asarray(image.convert("RGB"))
+    yield _prediction_row(ctx, "predict-frame", runtime, precision, lambda dev: dev.predict(frame, task=BENCH_TASK))
+
+
+def _prediction_row(ctx: Context, component: str, runtime: str, precision: str | None,
+                    predict: Callable[[Device], object]) -> dict:
+    """``predict(device)`` timed, then taking turns with the bare backbone for its overhead."""
     if runtime == "torch":
         raise Skipped(DEVICE_PATH_ONLY)
     runner = graph_runner(ctx, "backbone", runtime, precision)
-    predictor = Predictor(ctx.scratch, runtime="onnxruntime-cpu")
-    # Predictor picks its backbone by runtime only; the runner of this precision replaces it before
-    # activation, so everything else timed is Predictor's own path.
-    predictor.backbone = runner
-    files = [ctx.inputs.frame]
+    device = Device(ctx.scratch, runtime="onnxruntime-cpu")
+    # Device picks its backbone by runtime only; the runner of this precision replaces it before
+    # activation, so everything else timed is the device's own path.
+    device.predictor.backbone = runner
 
     def call() -> float:
         start = time.perf_counter()
-        predictor.predict(files, task=BENCH_TASK, batch_size=1)
+        predict(device)
         return (time.perf_counter() - start) * 1e3
 
-    with _quiet(), predictor:
-        row = timed_row(ctx, call, items=1, labels={**_labels("predict-e2e", runtime, precision, 1),
+    with _quiet(), device:
+        row = timed_row(ctx, call, items=1, labels={**_labels(component, runtime, precision, 1),
                                                      "runner": runner.name, "timing": "wall"})
         # The bare backbone's own row ran minutes earlier: take turns with it for the overhead.
         bare = wall_ms_call(runner, {"images": ctx.inputs.batch(1, ctx.bundle.preprocess)})
         block = paired_block(ctx)
         rounds = alternating({"predict": call, "backbone": bare}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
     row["overhead_vs_backbone_paired"] = _spread([r["predict"] / r["backbone"] - 1 for r in rounds], block)
-    yield row
+    return row
 
 
 def learn_task_run(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
@@ -258,6 +275,7 @@ COMPONENTS: dict[str, Callable[[Context, str, str], Iterator[dict]]] = {
     "head-generation": head_generation,
     "learner-step": learner_step,
     "predict-e2e": predict_e2e,
+    "predict-frame": predict_frame,
     "learn-task": learn_task_run,
 }
 
@@ -271,7 +289,7 @@ def component_precisions(component: str, runtime: str, requested: tuple[str, ...
     """
     if runtime == "torch" and component in DEVICE_PATH:
         return (None,)
-    if component in ("backbone", "predict-e2e"):
+    if component in ("backbone", *PREDICTION):
         return requested
     return ("auto",) if component == "learn-task" else ("fp32",)
 

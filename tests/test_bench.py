@@ -20,7 +20,7 @@ from pah_edge.errors import ConfigError
 
 REQUIRED = ("component", "runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "rss_mb",
             "cv", "iterations", "speedup_vs_torch")
-COMPONENTS = ("backbone", "head-generation", "learner-step", "predict-e2e", "learn-task")
+COMPONENTS = ("backbone", "head-generation", "learner-step", "predict-e2e", "predict-frame", "learn-task")
 QUICK = {"iterations": 5, "warmup": 1, "threads": 1}
 
 
@@ -94,6 +94,9 @@ def test_ratios_against_torch_and_the_bare_backbone(measured):
     assert overhead["lowest"] <= overhead["median"] <= overhead["highest"] and overhead["rounds"] == 10
     assert overhead["median"] > 0  # predict runs the backbone and decodes a frame besides
     assert e2e["speedup_vs_torch"] is None  # PyTorch does not run the device path
+    frame = _row(report, "predict-frame", "onnxruntime", 1)  # Device.predict of the frame in memory
+    assert frame["overhead_vs_backbone"] == frame["overhead_vs_backbone_paired"]["median"]
+    assert frame["overhead_vs_backbone_paired"]["rounds"] == 10 and frame["runner"] == e2e["runner"]
 
 
 def test_skipped_runs_are_listed_with_reasons(measured):
@@ -125,7 +128,8 @@ def test_int8_rows_use_backbone_int8_onnx_and_real_images(made, tmp_path):
     report = run_bench(copy, config)
     assert report["settings"]["inputs"] == str(query)
     assert {(r["component"], r["precision"]) for r in report["results"]} == {
-        ("backbone", "int8"), ("predict-e2e", "int8"), ("head-generation", "fp32"), ("learner-step", "fp32"),
+        ("backbone", "int8"), ("predict-e2e", "int8"), ("predict-frame", "int8"), ("head-generation", "fp32"),
+        ("learner-step", "fp32"),
         ("learn-task", "auto")}
 
 
