@@ -21,8 +21,8 @@ from pathlib import Path
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
-from pah_edge.device.bench_components import (COMPONENTS, LEARN_TASK_RUNS, Context, Skipped, component_precisions,
-                                              pair_with_torch, skip)
+from pah_edge.device.bench_components import (COMPONENTS, LEARN_TASK_RUNS, PREDICTION, Context, Skipped,
+                                              component_precisions, pair_with_torch, skip)
 from pah_edge.device.bench_inputs import DEFAULT_CLASSES, IMAGES_PER_CLASS, prepare_inputs, scratch_bundle
 from pah_edge.device.runtimes import EngineMismatchError, RuntimeUnavailable, available_runtimes
 from pah_edge.errors import ConfigError, PahEdgeError
@@ -157,16 +157,16 @@ def _require_matplotlib() -> None:
 def add_ratios(rows: list[dict]) -> None:
     """Set ``speedup_vs_torch`` on every row: the median of the paired rounds where ``pair_with_torch``
     measured them, else PyTorch eager FP32 p50 of the same component and batch / this p50 (None
-    without one); ``overhead_vs_backbone`` on predict-e2e rows: the median of their paired rounds
-    (predict / bare backbone - 1, taking turns), else this p50 / the backbone row's at batch 1 - 1;
-    and ``overhead_vs_task_given`` on predict-task-free rows (paired with task-given predict)."""
+    without one); ``overhead_vs_backbone`` on predict-e2e and predict-frame rows: the median of their
+    paired rounds (predict / bare backbone - 1, taking turns), else this p50 / the backbone row's at
+    batch 1 - 1; and ``overhead_vs_task_given`` on predict-task-free rows (paired with task-given predict)."""
     by_key = {(r["component"], r["runtime"], r["precision"], r["batch"]): r for r in rows}
     for row in rows:
         eager = by_key.get((row["component"], "torch", "fp32", row["batch"]))
         paired = row.get("speedup_vs_torch_paired")
         row["speedup_vs_torch"] = (paired["median"] if paired else
                                    eager["p50_ms"] / row["p50_ms"] if eager and eager is not row else None)
-        if row["component"] == "predict-e2e":
+        if row["component"] in PREDICTION:
             bare = by_key.get(("backbone", row["runtime"], row["precision"], 1))
             paired = row.get("overhead_vs_backbone_paired")
             sequential = row["p50_ms"] / bare.get("wall_p50_ms", bare["p50_ms"]) - 1 if bare else None

@@ -16,13 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from pah_edge.bundle import Bundle
 from pah_edge.device.bench_inputs import BENCH_TASK, IMAGES_PER_CLASS, Inputs
 from pah_edge.device.bench_timing import NOISY_CV, alternating, measure, wall_ms_call
 from pah_edge.device.bundle_runners import backbone_engine, max_batch
 from pah_edge.device.learner import learn_task
-from pah_edge.device.predict import Predictor
+from pah_edge.device.api import Device
 from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.device.runtimes.tensorrt import build_command
 from pah_edge.machine import peak_rss_mb, reset_peak_rss
@@ -31,7 +32,8 @@ log = logging.getLogger("pah_edge")
 
 INT8_ONNX = "backbone.int8.onnx"
 LEARN_TASK_RUNS = 5  # learn-task takes seconds per run: at most this many timed runs, one warm-up
-DEVICE_PATH = ("predict-e2e", "predict-task-free", "learn-task")  # components that run the device's own code, not one graph
+PREDICTION = ("predict-e2e", "predict-frame")  # timed against the bare backbone
+DEVICE_PATH = (*PREDICTION, "predict-task-free", "learn-task")  # components that run the device's own code, not one graph
 DEVICE_PATH_ONLY = ("the device path runs on onnxruntime or tensorrt; PyTorch eager is the reference for the "
                     "graphs (backbone, head-generation, learner-step) only")
 
@@ -200,16 +202,22 @@ def learner_step(ctx: Context, runtime: str, precision: str) -> Iterator[dict]:
 
 
 def predict_e2e(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
-    """One image file -> decode, resize, preprocess, backbone, cached head, softmax: ``Predictor.predict``."""
-    block = paired_block(ctx)
-    with _predictor(ctx, runtime, precision) as (predictor, runner):
-        call = _predict_call(predictor, ctx, BENCH_TASK)
-        row = timed_row(ctx, call, items=1, labels={**_labels("predict-e2e", runtime, precision, 1),
-                                                     "runner": runner.name, "timing": "wall"})
-        # The bare backbone's own row ran minutes earlier: take turns with it for the overhead.
-        bare = wall_ms_call(runner, {"images": ctx.inputs.batch(1, ctx.bundle.preprocess)})
-        rounds = alternating({"predict": call, "backbone": bare}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
-    row["overhead_vs_backbone_paired"] = _spread([r["predict"] / r["backbone"] - 1 for r in rounds], block)
+    """One image file -> decode, resize, preprocess, backbone, cached head, softmax: ``Device.predict_files``."""
+    files = [ctx.inputs.frame]
+    with _device(ctx, runtime, precision) as (device, runner):
+        row = _against_backbone(ctx, "predict-e2e", runtime, precision, runner,
+                                _timed(lambda: device.predict_files(files, task=BENCH_TASK, batch_size=1)))
+    yield row
+
+
+def predict_frame(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
+    """One in-memory RGB frame (the file's pixels, 640 x 480 when synthetic) -> resize, preprocess,
+    backbone, cached head, softmax: ``Device.predict``, as an application loop calls it."""
+    with Image.open(ctx.inputs.frame) as image:
+        frame = np.asarray(image.convert("RGB"))
+    with _device(ctx, runtime, precision) as (device, runner):
+        row = _against_backbone(ctx, "predict-frame", runtime, precision, runner,
+                                _timed(lambda: device.predict(frame, task=BENCH_TASK)))
     yield row
 
 
@@ -218,9 +226,10 @@ def predict_task_free(ctx: Context, runtime: str, precision: str | None) -> Iter
     classes and the novelty score in place of one generated head."""
     if ctx.scratch.shared_stats() is None:
         raise Skipped(f"the bundle has no task-free statistics: add them with `pah-edge task-stats {ctx.bundle.path}`")
-    block = paired_block(ctx)
-    with _predictor(ctx, runtime, precision) as (predictor, runner):
-        free, given = _predict_call(predictor, ctx, None), _predict_call(predictor, ctx, BENCH_TASK)
+    files, block = [ctx.inputs.frame], paired_block(ctx)
+    with _device(ctx, runtime, precision) as (device, runner):
+        free = _timed(lambda: device.predict_files(files, batch_size=1))
+        given = _timed(lambda: device.predict_files(files, task=BENCH_TASK, batch_size=1))
         row = timed_row(ctx, free, items=1, labels={**_labels("predict-task-free", runtime, precision, 1),
                                                      "runner": runner.name, "timing": "wall"})
         rounds = alternating({"free": free, "given": given}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
@@ -229,28 +238,39 @@ def predict_task_free(ctx: Context, runtime: str, precision: str | None) -> Iter
 
 
 @contextmanager
-def _predictor(ctx: Context, runtime: str, precision: str | None):
-    """(Predictor on the scratch bundle, its backbone runner of ``runtime`` and ``precision``), active."""
+def _device(ctx: Context, runtime: str, precision: str | None):
+    """(Device on the scratch bundle, its backbone runner of ``runtime`` and ``precision``), active."""
     if runtime == "torch":
         raise Skipped(DEVICE_PATH_ONLY)
     runner = graph_runner(ctx, "backbone", runtime, precision)
-    predictor = Predictor(ctx.scratch, runtime="onnxruntime-cpu")
-    # Predictor picks its backbone by runtime only; the runner of this precision replaces it before
-    # activation, so everything else timed is Predictor's own path.
-    predictor.backbone = runner
-    with _quiet(), predictor:
-        yield predictor, runner
+    device = Device(ctx.scratch, runtime="onnxruntime-cpu")
+    # Device picks its backbone by runtime only; the runner of this precision replaces it before
+    # activation, so everything else timed is the device's own path.
+    device.predictor.backbone = runner
+    with _quiet(), device:
+        yield device, runner
 
 
-def _predict_call(predictor: Predictor, ctx: Context, task: str | None) -> Callable[[], float]:
-    """A call predicting the bench frame at batch 1 (``task`` None: task-free); returns its wall ms."""
-    files = [ctx.inputs.frame]
-
+def _timed(predict: Callable[[], object]) -> Callable[[], float]:
+    """``predict`` as a call that returns its wall time, ms."""
     def call() -> float:
         start = time.perf_counter()
-        predictor.predict(files, task=task, batch_size=1)
+        predict()
         return (time.perf_counter() - start) * 1e3
     return call
+
+
+def _against_backbone(ctx: Context, component: str, runtime: str, precision: str | None, runner: Runner,
+                      call: Callable[[], float]) -> dict:
+    """``call`` timed, then taking turns with the bare backbone for its overhead."""
+    row = timed_row(ctx, call, items=1, labels={**_labels(component, runtime, precision, 1),
+                                                 "runner": runner.name, "timing": "wall"})
+    # The bare backbone's own row ran minutes earlier: take turns with it for the overhead.
+    bare = wall_ms_call(runner, {"images": ctx.inputs.batch(1, ctx.bundle.preprocess)})
+    block = paired_block(ctx)
+    rounds = alternating({"predict": call, "backbone": bare}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
+    row["overhead_vs_backbone_paired"] = _spread([r["predict"] / r["backbone"] - 1 for r in rounds], block)
+    return row
 
 
 def learn_task_run(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
@@ -285,6 +305,7 @@ COMPONENTS: dict[str, Callable[[Context, str, str], Iterator[dict]]] = {
     "head-generation": head_generation,
     "learner-step": learner_step,
     "predict-e2e": predict_e2e,
+    "predict-frame": predict_frame,
     "predict-task-free": predict_task_free,
     "learn-task": learn_task_run,
 }
@@ -299,7 +320,7 @@ def component_precisions(component: str, runtime: str, requested: tuple[str, ...
     """
     if runtime == "torch" and component in DEVICE_PATH:
         return (None,)
-    if component in ("backbone", "predict-e2e", "predict-task-free"):
+    if component in ("backbone", *PREDICTION, "predict-task-free"):
         return requested
     return ("auto",) if component == "learn-task" else ("fp32",)
 

@@ -13,7 +13,7 @@ without any readable image is a DataError (:func:`check_no_class_empty`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from pah_edge.data.imagefolder import _files, _subfolders
 from pah_edge.errors import DataError
-from pah_edge.preprocess import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Preprocess, load_image, to_input
+from pah_edge.preprocess import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Preprocess, frame_image, load_image, to_input
 
 log = logging.getLogger("pah_edge")
 
@@ -106,6 +106,26 @@ class BatchStream:
                 positions.append(position)
             if images:
                 yield to_input(np.stack(images), self.preprocess), np.asarray(positions, np.int64)
+
+
+class FrameStream:
+    """Preprocessed batches of in-memory ``frames`` (see ``frame_image``), as `BatchStream` gives of files.
+
+    Each frame is resized only when its batch comes up. Nothing is skipped: ``skipped`` stays empty,
+    and a bad frame raises FrameError (check them all first with ``check_frame``).
+    """
+
+    def __init__(self, frames: Sequence[np.ndarray], preprocess: Preprocess, batch_size: int, *, bgr: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.frames, self.preprocess, self.batch_size, self.bgr = frames, preprocess, batch_size, bgr
+        self.skipped: list[tuple[Path, str]] = []
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(self.frames), self.batch_size):
+            stop = min(start + self.batch_size, len(self.frames))
+            images = np.stack([frame_image(self.frames[i], self.preprocess, bgr=self.bgr) for i in range(start, stop)])
+            yield to_input(images, self.preprocess), np.arange(start, stop, dtype=np.int64)
 
 
 def describe_skipped(skipped: list[tuple[Path, str]]) -> str:

@@ -13,7 +13,9 @@ written: zero forgetting by construction. Nothing here imports torch.
 from __future__ import annotations
 
 import logging
+import numbers
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +25,14 @@ import numpy as np
 from pah_edge.bundle import Bundle, BundleError, task_name_from, validate_task_name
 from pah_edge.data.splits import class_rng
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner, max_batch
-from pah_edge.device.images import (BatchStream, ClassFolders, check_no_class_empty, scan_class_folders, warn_ignored,
-                                    warn_skipped)
+from pah_edge.device.images import (BatchStream, ClassFolders, FrameStream, check_no_class_empty, scan_class_folders,
+                                    warn_ignored, warn_skipped)
 from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_prototypes
 from pah_edge.device.prototype_init import LinearHeads, class_mean_head, initial_prototypes, thumbnails
 from pah_edge.device.runtimes import Runner, create_runner
-from pah_edge.errors import ConfigError
+from pah_edge.errors import ConfigError, DataError, FrameError
 from pah_edge.machine import peak_rss_mb
+from pah_edge.preprocess import Preprocess, check_frame
 from pah_edge.progress import progress_bar
 from pah_edge.task_free import task_stats
 
@@ -87,18 +90,17 @@ class Features:
     seconds: float
 
 
-def extract_features(runner: Runner, folders: ClassFolders, bundle: Bundle, batch_size: int,
+def extract_features(runner: Runner, stream: BatchStream | FrameStream, labels: np.ndarray, bundle: Bundle,
                      progress: bool) -> Features:
-    """Stream every image through the backbone once; keep float32 features (and init thumbnails)."""
-    items = folders.labelled()
+    """Run every image of ``stream`` (labels [N]) through the backbone once; keep float32 features (and
+    init thumbnails)."""
     channels, size = bundle.prototype_shape[0], bundle.prototype_shape[1]
-    features = np.empty((len(items), bundle.feature_dim), np.float32)
+    features = np.empty((len(labels), bundle.feature_dim), np.float32)
     keep_thumbs = not _starts_from_features(bundle)
-    thumbs = np.empty((len(items), channels, size, size), np.float32) if keep_thumbs else None
-    read = np.zeros(len(items), bool)
-    stream = BatchStream(items, bundle.preprocess, batch_size)
+    thumbs = np.empty((len(labels), channels, size, size), np.float32) if keep_thumbs else None
+    read = np.zeros(len(labels), bool)
     start = time.perf_counter()
-    with progress_bar(progress, "features", len(items)) as advance:
+    with progress_bar(progress, "features", len(labels)) as advance:
         for inputs, positions in stream:
             features[positions] = runner.infer({"images": inputs})["features"]
             if keep_thumbs:
@@ -106,8 +108,68 @@ def extract_features(runner: Runner, folders: ClassFolders, bundle: Bundle, batc
             read[positions] = True
             advance(len(positions))
     seconds = time.perf_counter() - start
-    labels = np.asarray([label for _, label in items], np.int64)
     return Features(features[read], labels[read], thumbs[read] if keep_thumbs else None, stream.skipped, seconds)
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A new task's labelled images, from a folder or from arrays; nothing is decoded yet."""
+
+    class_names: tuple[str, ...]
+    labels: np.ndarray  # int64 [N]: index into class_names per image
+    stream: Callable[[Preprocess, int], BatchStream | FrameStream]  # (preprocessing, batch size) -> batches
+    origin: str  # where the images come from, for messages
+    default_name: str | None = None
+    folders: ClassFolders | None = None  # from a folder: its ignored files, and which files a class lost
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> NewTask:
+        """``folder/<class>/<images>``; DataError if it cannot make a task."""
+        folders = scan_class_folders(folder)
+        items = folders.labelled()
+        labels = np.asarray([label for _, label in items], np.int64)
+        return cls(folders.class_names, labels, lambda pre, batch: BatchStream(items, pre, batch), str(folders.root),
+                   task_name_from(folders.root.resolve().name), folders)
+
+    @classmethod
+    def from_arrays(cls, images: Sequence[np.ndarray], labels: Sequence, *, bgr: bool = False) -> NewTask:
+        """Frames (uint8 [H, W, 3] RGB, or BGR with ``bgr``, or [H, W] gray) with one label each.
+
+        Labels are class names (str) or class numbers (int); classes are ordered as sorted names or
+        numbers, as class folders are, and images are taken class by class in their given order. Every
+        frame is checked here (FrameError), none is resized.
+        """
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels: give one label per image")
+        for i, image in enumerate(images):
+            try:
+                check_frame(image)
+            except FrameError as exc:
+                raise FrameError(f"image {i}: {exc}") from None
+        class_names, indices = _classes_of(labels)
+        # Class by class, as a folder is read: the fit's sums run in the same order, so the same images
+        # give the same task to the bit however the classes were interleaved.
+        order = np.argsort(indices, kind="stable")
+        grouped = [images[i] for i in order]
+        return cls(class_names, indices[order], lambda pre, batch: FrameStream(grouped, pre, batch, bgr=bgr),
+                   "the arrays")
+
+
+def _classes_of(labels: Sequence) -> tuple[tuple[str, ...], np.ndarray]:
+    """(class names, int64 class index per label) of labels that are all names (str) or all numbers (int)."""
+    values = list(labels)
+    if all(isinstance(v, str) for v in values):
+        order = sorted(set(values))
+    elif all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+        values = [int(v) for v in values]
+        order = sorted(set(values))
+    else:
+        raise DataError("labels must be all class names (str) or all class numbers (int): "
+                        "convert them, e.g. [str(label) for label in labels]")
+    if len(order) < 2:
+        raise DataError(f"the labels name {len(order)} class(es); a task needs at least 2 classes")
+    index = {value: i for i, value in enumerate(order)}
+    return tuple(map(str, order)), np.asarray([index[v] for v in values], np.int64)
 
 
 def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float | None:
@@ -117,18 +179,40 @@ def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> flo
     return float(np.mean(np.argmax(features @ heads.T, axis=1) == labels))
 
 
-def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, budget_mb: float = 300,
-               runtime: str = "auto", precision: str = "fp32", replace: bool = False, val_fraction: float = 0.2,
-               max_steps: int = 200, lr: float = 0.5, weight: float = 0.01, patience: int = 25, seed: int = 0,
-               progress: bool = True, lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
+def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, **options) -> dict:
     """Learn the task in ``folder`` (``<class>/<images>``) into ``bundle``; returns the report.
 
-    Everything that can be checked is checked before any image is decoded. The bundle's lock is
+    ``name`` defaults to the folder's name. Unreadable images are skipped with one warning; a class
+    left without any is a DataError. ``options``: see `learn`.
+    """
+    return learn(bundle, lambda: NewTask.from_folder(folder), name=name, **options)
+
+
+def learn_task_arrays(bundle: Bundle, images: Sequence[np.ndarray], labels: Sequence, *, name: str,
+                      bgr: bool = False, **options) -> dict:
+    """Learn a task from in-memory frames with one label each (see `NewTask.from_arrays`); returns the report.
+
+    The same images in the same order within each class give the same task as `learn_task` on a
+    folder holding them as files. ``options``: see `learn`.
+    """
+    return learn(bundle, lambda: NewTask.from_arrays(images, labels, bgr=bgr), name=name, **options)
+
+
+def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None = None, budget_mb: float = 300,
+          runtime: str = "auto", precision: str = "fp32", replace: bool = False, val_fraction: float = 0.2,
+          max_steps: int = 200, lr: float = 0.5, weight: float = 0.01, patience: int = 25, seed: int = 0,
+          progress: bool = True, lock_wait_s: float | None = LOCK_WAIT_S, backbone: Runner | None = None) -> dict:
+    """Learn the task that ``new_task()`` describes into ``bundle``; returns the report.
+
+    Everything that can be checked is checked before any image is decoded: the options, then
+    ``new_task()`` (scanning the folder, checking the frames). The bundle's lock is
     held from the name check to the registration (another learn-task waits up to ``lock_wait_s``
     s), and nothing is written before the final registration, so an interrupted run leaves the
     bundle as it was. ``budget_mb`` (MB) bounds the backbone batch. ``precision`` int8 computes the
     features with the calibrated INT8 backbone (`pah-edge calibrate`); predict with the same precision.
-    ``lr``, ``weight``, ``patience``, ``max_steps``: see ``prototype_fit.fit_prototypes``.
+    ``backbone``: an active backbone runner to use instead of starting one (``runtime`` and
+    ``precision`` must describe it). ``lr``, ``weight``, ``patience``, ``max_steps``: see
+    ``prototype_fit.fit_prototypes``.
 
     Report: name, classes (names), images {train, val}, skipped (unreadable images),
     ignored_files, train_accuracy (final fit, all images) and val_accuracy (the fit without the
@@ -139,13 +223,14 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
     """
     wall = time.perf_counter()
     _check_options(val_fraction=val_fraction, max_steps=max_steps, lr=lr, weight=weight, patience=patience)
-    folders = scan_class_folders(folder)
-    name = validate_task_name(name) if name is not None else task_name_from(folders.root.resolve().name)
-    _check_class_count(bundle, folders)
+    task = new_task()
+    name = validate_task_name(name) if name is not None else task.default_name
+    _check_class_count(bundle, task)
     batch = batch_size_for(budget_mb, bundle.preprocess.image_size)
     with ExitStack() as stack:
         # Runners are activated before the lock: a missing engine or runtime fails with the bundle untouched.
-        backbone = stack.enter_context(backbone_runner(bundle, runtime, precision))
+        if backbone is None:
+            backbone = stack.enter_context(backbone_runner(bundle, runtime, precision))
         heads_of = stack.enter_context(generator_runner(bundle))
         # The step graph is tiny: one thread beats a pool's hand-offs.
         objective = PrototypeObjective(
@@ -154,15 +239,17 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
         stack.enter_context(bundle.lock(lock_wait_s))
         if not replace and any(t.name == name for t in bundle.tasks()):
             raise BundleError(f"task {name!r} exists; pass --replace or --name OTHER")
-        warn_ignored(folders)
-        log.info("extracting features of %d images on %s, batch %d", folders.num_images, backbone.name, batch)
-        extracted = extract_features(backbone, folders, bundle, batch, progress)
-        check_no_class_empty(folders, extracted.labels, extracted.skipped)  # its error names the skipped files
-        warn_skipped(extracted.skipped, folders.num_images)
+        if task.folders is not None:
+            warn_ignored(task.folders)
+        log.info("extracting features of %d images on %s, batch %d", len(task.labels), backbone.name, batch)
+        extracted = extract_features(backbone, task.stream(bundle.preprocess, batch), task.labels, bundle, progress)
+        if task.folders is not None:
+            check_no_class_empty(task.folders, extracted.labels, extracted.skipped)  # its error names the skipped files
+        warn_skipped(extracted.skipped, len(task.labels))
 
-        train, val = split_train_val(extracted.labels, folders.class_names, val_fraction, seed)
+        train, val = split_train_val(extracted.labels, task.class_names, val_fraction, seed)
         everything = np.arange(len(extracted.labels))
-        start, coordinates = _starting_point(bundle, heads_of, extracted, len(folders.class_names))
+        start, coordinates = _starting_point(bundle, heads_of, extracted, len(task.class_names))
         with progress_bar(progress, "prototypes", max_steps * (2 if len(val) else 1)) as advance:
             def fit(indices, warm=None) -> FitResult:
                 return fit_prototypes(objective, start(indices), extracted.features[indices], extracted.labels[indices],
@@ -178,16 +265,16 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, b
 
         train_acc = accuracy_of(result.prototypes, everything)
         val_acc = accuracy_of(held_out.prototypes, val) if held_out is not None else None
-        record = bundle.add_task(name=name, class_names=folders.class_names, prototypes=result.prototypes,
+        record = bundle.add_task(name=name, class_names=task.class_names, prototypes=result.prototypes,
                                  images_seen=len(extracted.labels), source="device", replace=replace,
                                  accuracy=val_acc if val_acc is not None else train_acc,
-                                 stats=_task_free_stats(bundle, extracted, len(folders.class_names)))
+                                 stats=_task_free_stats(bundle, extracted, len(task.class_names)))
     return {
         "name": name,
-        "classes": list(folders.class_names),
+        "classes": list(task.class_names),
         "images": {"train": int(len(train)), "val": int(len(val))},
         "skipped": len(extracted.skipped),
-        "ignored_files": folders.ignored,
+        "ignored_files": task.folders.ignored if task.folders is not None else 0,
         "train_accuracy": train_acc,
         "val_accuracy": val_acc,
         "initial_loss": result.initial_loss,
@@ -249,11 +336,11 @@ def summary_line(report: dict) -> str:
             f"{report['stats_bytes_stored']:,} of task-free statistics stored")
 
 
-def _check_class_count(bundle: Bundle, folders: ClassFolders) -> None:
-    fixed, classes = bundle.fixed_num_classes, len(folders.class_names)
+def _check_class_count(bundle: Bundle, task: NewTask) -> None:
+    fixed, classes = bundle.fixed_num_classes, len(task.class_names)
     if fixed is not None and classes != fixed:
-        raise BundleError(f"this bundle's task-mlp generator takes exactly {fixed} classes per task, {folders.root} "
-                          f"has {classes}; give it {fixed} class folders")
+        raise BundleError(f"this bundle's task-mlp generator takes exactly {fixed} classes per task, {task.origin} "
+                          f"has {classes}; give it {fixed} classes")
 
 
 def _check_options(*, val_fraction: float, max_steps: int, lr: float, weight: float, patience: int) -> None:

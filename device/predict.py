@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from pah_edge.bundle import Bundle, BundleError, TaskRecord
 from pah_edge.device.bundle_runners import backbone_runner, features, generator_runner
 from pah_edge.device.images import BatchStream, describe_skipped, warn_skipped
 from pah_edge.errors import ConfigError, DataError
-from pah_edge.preprocess import IMAGE_SUFFIXES
+from pah_edge.preprocess import IMAGE_SUFFIXES, to_input
 from pah_edge.task_free import SharedStats, TaskFreeRule
 
 log = logging.getLogger("pah_edge")
@@ -154,32 +154,55 @@ class Predictor:
         learns; label and confidence do not) and known only informs (None without statistics). Unreadable
         images are skipped with one warning; if none is readable, DataError.
         """
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-        head_record = self.bundle.task(task) if task is not None else None
-        rule = self._task_free_rule() if task is None else self.rule(warn=False)
+        _check_batch_size(batch_size)
+        answer = self.answerer(task, novelty_threshold)
         files = image_files(paths)
         if not files:
             shown = ", ".join(map(str, paths))
             raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {shown}: "
                             "give image files or folders holding them")
-        head = self.head(head_record) if head_record is not None else None
-        threshold = novelty_threshold if novelty_threshold is not None else (
-            rule.shared.threshold if rule is not None else None)
         stream = BatchStream([(file, 0) for file in files], self.bundle.preprocess, batch_size)
         results: list[dict] = []
         for inputs, positions in stream:
-            feats = features(self.backbone, inputs, batch_size)
-            batch_files = [files[i] for i in positions]
-            if head_record is not None:
-                results += _task_given(feats, batch_files, head_record, head, rule, threshold)
-            else:
-                results += _task_free(feats, batch_files, rule, threshold)
+            answers = answer(features(self.backbone, inputs, batch_size))
+            results += [{"path": str(files[i]), **a} for i, a in zip(positions, answers)]
         warn_skipped(stream.skipped, len(files))
         if not results:
             raise DataError(f"none of the {len(files)} image(s) could be read: {describe_skipped(stream.skipped)}; "
                             "replace them or give other images")
         return results
+
+    def predict_images(self, images: np.ndarray, *, task: str | None = None, batch_size: int = 32,
+                       novelty_threshold: float | None = None) -> list[dict]:
+        """One ``{"task", "label", "confidence", "novelty", "known"}`` per image of uint8 [N, S, S, 3] RGB
+        (``load_image`` or ``frame_image`` output), as `predict` answers for files."""
+        _check_batch_size(batch_size)
+        answer = self.answerer(task, novelty_threshold)
+        results: list[dict] = []
+        for start in range(0, len(images), batch_size):
+            inputs = to_input(images[start:start + batch_size], self.bundle.preprocess)
+            results += answer(features(self.backbone, inputs, batch_size))
+        return results
+
+    def answerer(self, task: str | None = None,
+                 novelty_threshold: float | None = None) -> Callable[[np.ndarray], list[dict]]:
+        """features float32 [N, D] -> N answers ``{"task", "label", "confidence", "novelty", "known"}``.
+
+        Resolves the task, its head and the threshold once per call of `predict`, not per batch.
+        """
+        rule = self._task_free_rule() if task is None else self.rule(warn=False)
+        threshold = novelty_threshold if novelty_threshold is not None else (
+            rule.shared.threshold if rule is not None else None)
+        if task is None:
+            return lambda feats: _task_free(feats, rule, threshold)
+        record = self.bundle.task(task)
+        head = self.head(record)
+        return lambda feats: _task_given(feats, record, head, rule, threshold)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
 
 
 @dataclass
@@ -194,28 +217,28 @@ class _CachedRule:
     warned: bool = False
 
 
-def _task_free(feats: np.ndarray, files: list[Path], rule: TaskFreeRule, threshold: float | None) -> list[dict]:
+def _task_free(feats: np.ndarray, rule: TaskFreeRule, threshold: float | None) -> list[dict]:
     scores, novelty = rule.scores(feats)
     posterior = softmax(scores)
     best = posterior.argmax(axis=1)
     results = []
-    for i, file in enumerate(files):
+    for i in range(len(feats)):
         known = _known(novelty[i], threshold)
         record = rule.tasks[rule.task_of[best[i]]]
-        results.append({"path": str(file), "task": record.name if known is not False else None,
+        results.append({"task": record.name if known is not False else None,
                         "label": record.class_names[rule.class_of[best[i]]] if known is not False else None,
                         "confidence": float(posterior[i, best[i]]), "novelty": float(novelty[i]), "known": known})
     return results
 
 
-def _task_given(feats: np.ndarray, files: list[Path], record: TaskRecord, head: np.ndarray,
-                rule: TaskFreeRule | None, threshold: float | None) -> list[dict]:
+def _task_given(feats: np.ndarray, record: TaskRecord, head: np.ndarray, rule: TaskFreeRule | None,
+                threshold: float | None) -> list[dict]:
     probs = softmax(feats @ head.T)
     index = next((t for t, r in enumerate(rule.tasks) if r.name == record.name), None) if rule else None
-    novelty = rule.scores(feats, task=index)[1] if index is not None else [None] * len(files)
-    return [{"path": str(file), "task": record.name, "label": record.class_names[probs[i].argmax()],
+    novelty = rule.scores(feats, task=index)[1] if index is not None else [None] * len(feats)
+    return [{"task": record.name, "label": record.class_names[probs[i].argmax()],
              "confidence": float(probs[i].max()), "novelty": None if novelty[i] is None else float(novelty[i]),
-             "known": _known(novelty[i], threshold)} for i, file in enumerate(files)]
+             "known": _known(novelty[i], threshold)} for i in range(len(feats))]
 
 
 def _known(novelty: float | None, threshold: float | None) -> bool | None:

@@ -127,11 +127,12 @@ def learn_task(
     """Learn a new task on this device: only its prototypes; old tasks stay bit-identical."""
     import json
 
-    from pah_edge.bundle import Bundle
-    from pah_edge.device.learner import learn_task as learn, summary_line
+    from pah_edge.device.api import Device
+    from pah_edge.device.learner import summary_line
 
-    report = learn(Bundle.open(bundle), folder, name=name, budget_mb=budget_mb, runtime=runtime, precision=precision,
-                   replace=replace, progress=progress)
+    # Not started with `with`: learning starts its own backbone after checking the folder and options.
+    dev = Device(bundle, runtime=runtime, precision=precision)
+    report = dev.learn_task(folder, name=name, replace=replace, budget_mb=budget_mb, progress=progress).report
     typer.echo(json.dumps(report) if as_json else summary_line(report))
 
 
@@ -141,7 +142,7 @@ ENGINE_PRECISIONS = ("fp16", "fp32", "int8")
 @app.command()
 @user_errors
 def predict(
-    images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
+    images: Optional[list[Path]] = typer.Argument(None, help="Image files or folders (searched recursively)."),
     bundle: Path = typer.Option(Path("bundle"), help="Bundle directory written by `pah-edge export`."),
     task: Optional[str] = typer.Option(None, help="Only this task's classes, with its generated head (default: every task)."),
     any_task: bool = typer.Option(False, "--any-task", help="Every task (the default; kept as an alias)."),
@@ -150,23 +151,62 @@ def predict(
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
     batch_size: int = typer.Option(32, help="Images per backbone call."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list of {path, task, label, confidence, novelty, known}."),
+    video: Optional[Path] = typer.Option(None, help="Predict a video file's frames instead: one JSON line per frame (needs pah-edge[camera])."),
+    camera: Optional[int] = typer.Option(None, help="Predict a camera's frames (OpenCV index, e.g. 0) until it stops or Ctrl-C: one JSON line per frame."),
+    every: int = typer.Option(1, help="--video/--camera: predict every N-th frame only."),
+    max_frames: Optional[int] = typer.Option(None, help="--video/--camera: stop after this many predicted frames."),
 ):
-    """Predict each image's task and class over every task, or say it is unknown: `path  task/label  confidence  novelty`."""
+    """Predict each image's task and class over every task, or say it is unknown: `path  task/label  confidence  novelty`.
+
+    With --video or --camera: one JSON line per frame, {frame, time_ms, task, label, confidence, novelty, known}.
+    """
     import json
 
-    from pah_edge.bundle import Bundle
-    from pah_edge.device.predict import Predictor
+    from pah_edge.device.api import Device
     from pah_edge.errors import ConfigError
 
     if task is not None and any_task:
         raise ConfigError("give --task NAME or --any-task, not both")
-    with Predictor(Bundle.open(bundle), runtime=runtime, precision=precision) as predictor:
-        results = predictor.predict(images, task=task, batch_size=batch_size, novelty_threshold=novelty_threshold)
-    if as_json:
-        typer.echo(json.dumps(results, indent=2))
-    else:
-        for line in _prediction_lines(results):
-            typer.echo(line)
+    sources = [name for name, given in (("IMAGES", bool(images)), ("--video", video is not None),
+                                        ("--camera", camera is not None)) if given]
+    if len(sources) != 1:
+        raise ConfigError(f"give one of IMAGE_OR_DIR..., --video FILE and --camera INDEX, not {' and '.join(sources)}"
+                          if sources else "give image files or folders, --video FILE or --camera INDEX")
+    if images:
+        with Device(bundle, runtime=runtime, precision=precision, novelty_threshold=novelty_threshold) as dev:
+            results = [p.to_dict() for p in dev.predict_files(images, task=task, batch_size=batch_size)]
+        if as_json:
+            typer.echo(json.dumps(results, indent=2))
+        else:
+            for line in _prediction_lines(results):
+                typer.echo(line)
+        return
+    _predict_frames(bundle, video=video, camera=camera, every=every, max_frames=max_frames, task=task,
+                    runtime=runtime, precision=precision, novelty_threshold=novelty_threshold)
+
+
+def _predict_frames(bundle: Path, *, video: Optional[Path], camera: Optional[int], every: int,
+                    max_frames: Optional[int], task: Optional[str], **device_options) -> None:
+    """One JSON line per predicted frame, flushed at once so a pipe sees each as it comes."""
+    import json
+
+    from pah_edge.device.api import Device
+    from pah_edge.device.video import frames, open_source
+    from pah_edge.errors import ConfigError
+
+    if max_frames is not None and max_frames < 1:
+        raise ConfigError(f"--max-frames must be 1 or more, got {max_frames}")
+    capture = open_source(video=video, camera=camera)  # first: no OpenCV or no source fails in a moment
+    try:
+        with Device(bundle, **device_options) as dev:
+            dev.predict_batch([], task=task)  # an unknown --task fails before the first frame is read
+            for count, (index, ms, frame) in enumerate(frames(capture, every=every, live=camera is not None), 1):
+                answer = dev.predict(frame, task=task, bgr=True).to_dict()
+                print(json.dumps({"frame": index, "time_ms": round(ms, 3), **answer}), flush=True)
+                if count == max_frames:
+                    break
+    finally:
+        capture.release()
 
 
 def _prediction_lines(results: list[dict]) -> list[str]:

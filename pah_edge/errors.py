@@ -19,3 +19,7 @@ class CheckpointError(PahEdgeError):
 
 class StorageError(PahEdgeError):
     """A write failed: full disk, file-size limit, read-only or failing storage."""
+
+
+class FrameError(PahEdgeError):
+    """An in-memory frame is not an H x W x 3 (or H x W) uint8 image."""

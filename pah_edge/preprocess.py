@@ -16,7 +16,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from pah_edge.errors import ConfigError, DataError
+from pah_edge.errors import ConfigError, DataError, FrameError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -138,6 +138,42 @@ def load_image(source: str | os.PathLike[str] | IO[bytes], pre: Preprocess) -> n
         raise DataError(f"image {name} is too large to decode safely ({e}): shrink it or remove it") from e
     except _DECODE_ERRORS as e:
         raise DataError(f"cannot read image {name} ({e}): replace or remove the file") from e
+
+
+def frame_image(frame: Any, pre: Preprocess, *, bgr: bool = False) -> np.ndarray:
+    """An in-memory frame, resized as `load_image` resizes a decoded file; uint8 [S, S, 3] RGB.
+
+    ``frame``: uint8 [H, W, 3] RGB (``bgr=True``: BGR, as OpenCV delivers it) or [H, W] gray.
+    Anything else raises FrameError naming the fix.
+    """
+    frame = check_frame(frame)
+    if frame.ndim == 3 and bgr:
+        frame = frame[:, :, ::-1]
+    # The same resize_image as files: a frame and its PNG give the network the same pixels.
+    return resize_image(Image.fromarray(np.ascontiguousarray(frame)), pre)
+
+
+def check_frame(frame: Any) -> np.ndarray:
+    """``frame`` as a uint8 [H, W, 3] or [H, W] array; FrameError saying what is wrong and how to fix it."""
+    if frame is None:
+        raise FrameError("the frame is None (a camera or video read that returned no frame): check the read "
+                         "succeeded before predicting")
+    if not isinstance(frame, np.ndarray):
+        raise FrameError(f"a frame must be a numpy array, got {type(frame).__name__}: pass np.asarray(image), "
+                         "or a file path")
+    if frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[2] != 3):
+        raise FrameError(f"a frame must be H x W x 3 (RGB or, with bgr=True, BGR) or H x W (gray), got shape "
+                         f"{frame.shape}: drop alpha with frame[..., :3], squeeze a single channel")
+    if frame.dtype != np.uint8:
+        raise FrameError(f"a frame must be uint8 (0..255), got {frame.dtype}: convert 0..1 floats with "
+                         "(frame * 255).round().clip(0, 255).astype(np.uint8)")
+    if frame.size == 0:
+        raise FrameError(f"the frame is empty (shape {frame.shape}): check the read succeeded before predicting")
+    height, width = frame.shape[:2]
+    if height * width > MAX_IMAGE_PIXELS:
+        raise FrameError(f"the frame is {width}x{height} pixels, above the limit of {MAX_IMAGE_PIXELS / 1e6:g} "
+                         "megapixels: shrink it first")
+    return frame
 
 
 def to_input(images_uint8_nhwc: np.ndarray, pre: Preprocess) -> np.ndarray:

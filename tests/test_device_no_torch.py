@@ -1,5 +1,5 @@
-"""The device commands run where torch cannot be imported: `learn-task`, `predict`, `tasks`, `bench`
-and `calibrate`.
+"""The device commands run where torch cannot be imported: `learn-task`, `predict` (files and
+`--video`), `tasks`, `bench` and `calibrate`, and so does the Python API (`pah_edge.Device`).
 
 A directory holding ``torch/__init__.py`` that raises ImportError goes first on PYTHONPATH of a
 subprocess running the real entry point, so any import of torch, direct or through another
@@ -136,3 +136,59 @@ def test_calibrate_then_learn_and_predict_with_int8_run_without_torch(made, tmp_
     predictions = json.loads(_without_torch(blocker, "-m", "pah_edge.cli", "predict", query, "--bundle", bundle_dir,
                                             "--task", "pairs", "--precision", "int8", "--json").stdout)
     assert len(predictions) == len(QUERY_FILES) and {p["task"] for p in predictions} == {"pairs"}
+
+
+API_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from pah_edge import Device
+from pah_edge.errors import FrameError
+
+bundle, query, new_task = sys.argv[1:4]
+frame = np.asarray(Image.open(query + "/six/0.png"))
+with Device(bundle, runtime="onnxruntime-cpu") as dev:
+    answers = [p.to_dict() for p in dev.predict_batch([frame, np.repeat(frame[:, :, None], 3, axis=2)])]
+    try:
+        dev.predict(frame.astype(np.float32))
+    except FrameError as exc:
+        answers.append(str(exc))
+    learned = dev.learn_task(new_task, name="from_folder")
+    files = sorted(Path(new_task).glob("*/*.png"))
+    images, labels = [np.asarray(Image.open(f)) for f in files], [f.parent.name for f in files]
+    arrays = dev.learn_task_arrays(images, labels, name="from_arrays")
+    answers.append([learned.classes, arrays.classes, [t.name for t in dev.tasks()]])
+    dev.remove_task("from_folder")
+    dev.remove_task("from_arrays")
+print(json.dumps(answers))
+print("torch" in sys.modules)
+"""
+
+
+def test_the_python_api_runs_without_torch(made):
+    bundle_dir, query, new_task, blocker = made
+    result = _without_torch(blocker, "-c", API_SCRIPT, bundle_dir, query, new_task)
+    assert result.returncode == 0, result.stdout + result.stderr
+    answers_line, torch_loaded = result.stdout.splitlines()[-2:]
+    gray, rgb, error, learned = json.loads(answers_line)
+    assert torch_loaded == "False" and gray == rgb and gray["task"] in {"a", "b", "c", None}
+    assert "uint8" in error
+    assert learned == [["digit1", "digit7"], ["digit1", "digit7"], ["a", "b", "c", "from_folder", "from_arrays"]]
+    with Predictor(Bundle.open(bundle_dir), runtime="onnxruntime-cpu") as predictor:  # torch importable here
+        [expected] = predictor.predict([query / "six/0.png"])
+    assert (gray["task"], gray["label"], gray["known"]) == (expected["task"], expected["label"], expected["known"])
+    assert gray["confidence"] == pytest.approx(expected["confidence"], rel=1e-5)
+
+
+def test_predict_video_runs_without_torch(made, tmp_path):
+    cv2 = pytest.importorskip("cv2", reason="needs OpenCV: pip install 'pah-edge[camera]'")
+    from test_video import write_video
+
+    bundle_dir, _, _, blocker = made
+    video = write_video(tmp_path / "clip.avi", cv2, frames=4)
+    result = _without_torch(blocker, "-m", "pah_edge.cli", "predict", "--video", video, "--bundle", bundle_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and BLOCKED not in result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["frame"] for line in lines] == [0, 1, 2, 3]

@@ -1,0 +1,75 @@
+"""Frames from a video file or a camera through OpenCV (``pip install 'pah-edge[camera]'``), predicted one by one.
+
+OpenCV is imported only here, on first use: the rest of the device side runs without it. Never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pah_edge.errors import ConfigError, DataError, PahEdgeError
+
+
+def _cv2(option: str):
+    # OpenCV's own warnings (a camera index it cannot open, ...) would come before our one-line error.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    try:
+        import cv2
+    except ImportError as exc:
+        raise PahEdgeError(f"{option} needs OpenCV: pip install 'pah-edge[camera]' (opencv-python-headless); "
+                           f"importing cv2 failed: {exc}") from None
+    return cv2
+
+
+def open_source(*, video: Path | None = None, camera: int | None = None) -> Any:
+    """An opened ``cv2.VideoCapture`` of ``video`` (a file) or ``camera`` (an index); PahEdgeError naming
+    the fix when it cannot be opened."""
+    if (video is None) == (camera is None):
+        raise ConfigError("give one of --video FILE and --camera INDEX")
+    cv2 = _cv2("--video" if video is not None else "--camera")
+    if video is not None:
+        if not Path(video).is_file():
+            raise DataError(f"no video file {video}: check the path")
+        capture = cv2.VideoCapture(str(video))
+        fix = f"cannot open video {video}: give a file OpenCV can decode (e.g. .mp4, .avi)"
+    else:
+        capture = cv2.VideoCapture(camera)
+        fix = (f"cannot open camera {camera}: check that it is connected and not in use by another program, "
+               "or give another --camera INDEX")
+    if not capture.isOpened():
+        capture.release()
+        raise DataError(fix)
+    return capture
+
+
+def frames(capture: Any, *, every: int = 1, live: bool = False) -> Iterator[tuple[int, float, np.ndarray]]:
+    """(frame index from 0, time in ms, BGR uint8 [H, W, 3]) of every ``every``-th frame until the source ends.
+
+    Time: a file's frames at index / fps (its own timeline); a ``live`` camera's, ms since the first read.
+    Skipped frames are only grabbed, never converted.
+    """
+    if every < 1:
+        raise ConfigError(f"--every must be 1 or more, got {every}")
+    cv2 = _cv2("--video")
+    fps = capture.get(cv2.CAP_PROP_FPS) if not live else 0.0
+    start = time.perf_counter()
+    index = 0
+    while True:
+        if index % every == 0:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            # Containers without a frame rate fall back on the position the decoder reports.
+            ms = (time.perf_counter() - start) * 1e3 if live else (
+                index * 1e3 / fps if fps > 0 else capture.get(cv2.CAP_PROP_POS_MSEC))
+            yield index, ms, frame
+        elif not capture.grab():
+            return
+        index += 1
