@@ -72,12 +72,13 @@ class Device:
     """A bundle on this device. Use as ``with Device("bundle") as dev:``, or call `close` when done.
 
     runtime: auto (the TensorRT engine when built and TensorRT works, else ONNX Runtime), tensorrt,
-    onnxruntime, onnxruntime-cuda or onnxruntime-cpu. precision: fp32 or int8 (the calibrated
-    backbone); learn and predict a task with the same precision. novelty_threshold: overrides the
+    onnxruntime, onnxruntime-cuda or onnxruntime-cpu. precision: auto (predict each task on the
+    backbone it was learned on; learn on FP32), fp32 or int8 (the calibrated backbone) for both.
+    novelty_threshold: overrides the
     bundle's. The backbone starts on the first prediction (or on ``with``) and is shared with learning.
     """
 
-    def __init__(self, bundle: str | os.PathLike | Bundle = "bundle", *, runtime: str = "auto", precision: str = "fp32",
+    def __init__(self, bundle: str | os.PathLike | Bundle = "bundle", *, runtime: str = "auto", precision: str = "auto",
                  novelty_threshold: float | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.runtime, self.precision, self.novelty_threshold = runtime, precision, novelty_threshold
@@ -157,10 +158,12 @@ class Device:
                                                          replace=replace, **self._learn_options(options)))
 
     def _learn_options(self, options: dict) -> dict:
-        # Learning uses this device's runtime and precision, so its tasks are predicted as they were
-        # learned; a started backbone is shared rather than loaded twice.
-        shared = {"backbone": self.predictor.backbone} if self._started else {}
-        return {"progress": False, "runtime": self.runtime, "precision": self.precision, **shared, **options}
+        # Learning uses this device's runtime and backbone (FP32 for precision auto); the task records
+        # it, so it is predicted as it was learned. A started backbone is shared rather than loaded twice.
+        own = "fp32" if self.precision == "auto" else self.precision
+        precision = options.pop("precision", own)
+        shared = {"backbone": self.predictor.backbone} if self._started and precision == own else {}
+        return {"progress": False, "runtime": self.runtime, "precision": precision, **shared, **options}
 
     def tasks(self) -> list[TaskRecord]:
         """The registered tasks, in registration order."""

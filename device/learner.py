@@ -209,7 +209,8 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
     held from the name check to the registration (another learn-task waits up to ``lock_wait_s``
     s), and nothing is written before the final registration, so an interrupted run leaves the
     bundle as it was. ``budget_mb`` (MB) bounds the backbone batch. ``precision`` int8 computes the
-    features with the calibrated INT8 backbone (`pah-edge calibrate`); predict with the same precision.
+    features with the calibrated INT8 backbone (`pah-edge calibrate`); the task records it, and
+    prediction uses that backbone for it by default.
     ``backbone``: an active backbone runner to use instead of starting one (``runtime`` and
     ``precision`` must describe it). ``lr``, ``weight``, ``patience``, ``max_steps``: see
     ``prototype_fit.fit_prototypes``.
@@ -268,7 +269,8 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
         record = bundle.add_task(name=name, class_names=task.class_names, prototypes=result.prototypes,
                                  images_seen=len(extracted.labels), source="device", replace=replace,
                                  accuracy=val_acc if val_acc is not None else train_acc,
-                                 stats=_task_free_stats(bundle, extracted, len(task.class_names)))
+                                 stats=_task_free_stats(bundle, extracted, len(task.class_names)),
+                                 precision=precision)
     return {
         "name": name,
         "classes": list(task.class_names),

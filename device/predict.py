@@ -19,13 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from pah_edge.bundle import Bundle, BundleError, TaskRecord
-from pah_edge.device.bundle_runners import backbone_runner, features, generator_runner
+from pah_edge.device.bundle_runners import PRECISIONS, backbone_runner, features, generator_runner
 from pah_edge.device.images import BatchStream, describe_skipped, warn_skipped
-from pah_edge.errors import ConfigError, DataError
+from pah_edge.device.runtimes import Runner
+from pah_edge.errors import ConfigError, DataError, PahEdgeError
 from pah_edge.preprocess import IMAGE_SUFFIXES, to_input
 from pah_edge.task_free import SharedStats, TaskFreeRule
 
 log = logging.getLogger("pah_edge")
+# What predicting a task on another backbone than it was learned on cost: INT8-learned digits
+# predicted on FP32 features (issue 13's measurement; docs/benchmarks.md, "Faults").
+PRECISION_RISK = "4 points measured on 5 digit classes"
 
 
 def image_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -65,13 +69,19 @@ class Predictor:
     """Predicts classes of images with a bundle's tasks; use as ``with Predictor(bundle) as p:``.
 
     runtime: auto, tensorrt, onnxruntime, onnxruntime-cuda or onnxruntime-cpu (for the backbone;
-    the generator always runs on the CPU, once per task). precision: fp32 or int8 (the calibrated
-    backbone from `pah-edge calibrate`).
+    the generator always runs on the CPU, once per task). precision: auto (each task on the backbone
+    it was learned on; task-free on FP32 unless every task was learned on INT8), fp32 or int8 (the
+    calibrated backbone from `pah-edge calibrate`) for every task. A task predicted on another
+    backbone than it was learned on gets one warning with the measured risk.
     """
 
-    def __init__(self, bundle: Bundle, *, runtime: str = "auto", precision: str = "fp32"):
-        self.bundle = bundle
-        self.backbone = backbone_runner(bundle, runtime, precision)
+    def __init__(self, bundle: Bundle, *, runtime: str = "auto", precision: str = "auto"):
+        if precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"unknown precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
+        self.bundle, self.runtime, self.precision = bundle, runtime, precision
+        self.backbone = backbone_runner(bundle, runtime, "fp32" if precision == "auto" else precision)
+        self._int8: Runner | None = None  # precision auto: started for the first task learned on INT8
+        self._warned: set[tuple[str, str]] = set()  # (task, warning) already given
         self.generator = generator_runner(bundle)
         self.heads: dict[str, np.ndarray] = {}  # task name -> head float32 [C, D]
         self._head_sources: dict[str, str] = {}  # task name -> SHA-256 of the prototypes it came from
@@ -87,6 +97,48 @@ class Predictor:
 
     def __exit__(self, *exc) -> None:
         self._runners.close()
+
+    def backbone_for(self, task: str | None = None) -> Runner:
+        """The backbone ``task`` (None: task-free over every task) is predicted on; see the class."""
+        records = [self.bundle.task(task)] if task is not None else self.bundle.tasks()
+        learned = {r.name: r.precision or "fp32" for r in records}
+        if task is not None:
+            wanted = learned[task]
+        else:  # one backbone answers for every task
+            wanted = "int8" if learned and set(learned.values()) == {"int8"} else "fp32"
+        runner = self._int8_backbone() if self.precision == "auto" and wanted == "int8" else self.backbone
+        used = self.precision if self.precision != "auto" else "int8" if runner is self._int8 else "fp32"
+        for record in records:
+            if learned[record.name] != used:
+                if self.precision != "auto":
+                    fix = f"leave out --precision {self.precision} to predict it as learned"
+                elif used != wanted:
+                    fix = (f"install the INT8 model again with `pah-edge calibrate {self.bundle.path}` and learn the "
+                           "task again")
+                else:
+                    fix = "task-free prediction runs one backbone for every task: learn it again with --precision fp32"
+                self._warn_once(record.name, f"task {record.name!r} was learned on the {learned[record.name]} "
+                                f"backbone and is predicted on {used} features: expect lower accuracy "
+                                f"({PRECISION_RISK}); {fix}")
+            elif used == "int8" and record.backbone_sha256 not in (None, self.bundle.backbone_sha256("int8")):
+                self._warn_once(record.name, f"task {record.name!r} was learned on an INT8 model that `pah-edge "
+                                "calibrate` has since replaced: expect lower accuracy; learn it again")
+        return runner
+
+    def _int8_backbone(self) -> Runner:
+        """The INT8 backbone, started on first use; the FP32 one when none is installed (the caller warns)."""
+        if self._int8 is None:
+            try:
+                self._int8 = self._runners.enter_context(backbone_runner(self.bundle, self.runtime, "int8"))
+            except PahEdgeError as exc:
+                log.debug("no INT8 backbone: %s", exc)
+                return self.backbone
+        return self._int8
+
+    def _warn_once(self, task: str, message: str) -> None:
+        if (task, message) not in self._warned:
+            self._warned.add((task, message))
+            log.warning("%s", message)
 
     def head(self, record: TaskRecord) -> np.ndarray:
         """The task's head float32 [C, D], generated from its prototypes on first use."""
@@ -155,7 +207,7 @@ class Predictor:
         images are skipped with one warning; if none is readable, DataError.
         """
         _check_batch_size(batch_size)
-        answer = self.answerer(task, novelty_threshold)
+        answer, backbone = self.answerer(task, novelty_threshold), self.backbone_for(task)
         files = image_files(paths)
         if not files:
             shown = ", ".join(map(str, paths))
@@ -164,7 +216,7 @@ class Predictor:
         stream = BatchStream([(file, 0) for file in files], self.bundle.preprocess, batch_size)
         results: list[dict] = []
         for inputs, positions in stream:
-            answers = answer(features(self.backbone, inputs, batch_size))
+            answers = answer(features(backbone, inputs, batch_size))
             results += [{"path": str(files[i]), **a} for i, a in zip(positions, answers)]
         warn_skipped(stream.skipped, len(files))
         if not results:
@@ -177,11 +229,11 @@ class Predictor:
         """One ``{"task", "label", "confidence", "novelty", "known"}`` per image of uint8 [N, S, S, 3] RGB
         (``load_image`` or ``frame_image`` output), as `predict` answers for files."""
         _check_batch_size(batch_size)
-        answer = self.answerer(task, novelty_threshold)
+        answer, backbone = self.answerer(task, novelty_threshold), self.backbone_for(task)
         results: list[dict] = []
         for start in range(0, len(images), batch_size):
             inputs = to_input(images[start:start + batch_size], self.bundle.preprocess)
-            results += answer(features(self.backbone, inputs, batch_size))
+            results += answer(features(backbone, inputs, batch_size))
         return results
 
     def answerer(self, task: str | None = None,

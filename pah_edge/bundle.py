@@ -113,6 +113,10 @@ class TaskRecord:
     source: str  # "workstation" (exported) or "device" (learned on the device)
     stats_file: str | None = None  # the task-free statistics; None for tasks registered before they existed
     stats_sha256: str | None = None
+    # The backbone its prototypes and statistics were fitted on: "fp32" or "int8" (None: fp32, as
+    # exported and as every task was before this was recorded) and that model file's SHA-256.
+    precision: str | None = None
+    backbone_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "class_names": list(self.class_names)}
@@ -123,7 +127,8 @@ class TaskRecord:
             record = cls(name=d["name"], class_names=tuple(d["class_names"]), file=d["file"], sha256=d["sha256"],
                          images_seen=int(d["images_seen"]), accuracy=d["accuracy"], created=d["created"],
                          bytes=int(d["bytes"]), source=d["source"], stats_file=d.get("stats_file"),
-                         stats_sha256=d.get("stats_sha256"))
+                         stats_sha256=d.get("stats_sha256"), precision=d.get("precision"),
+                         backbone_sha256=d.get("backbone_sha256"))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"a task entry in {REGISTRY_PATH} is malformed ({exc!r}); "
                               "restore the file or re-export the bundle") from None
@@ -191,6 +196,14 @@ class Bundle:
         """
         installed = self._installed_int8()
         return installed[0] if installed else None
+
+    def backbone_sha256(self, precision: str) -> str | None:
+        """SHA-256 of the backbone model of ``precision``: the exported FP32 graph, or the installed
+        INT8 model (None when none is installed; BundleError when it fails its check)."""
+        if precision == "int8":
+            installed = self._installed_int8()
+            return installed[1]["sha256"] if installed else None
+        return self.files[self.manifest["graphs"]["backbone"]["file"]]
 
     def int8_target(self) -> str | None:
         """The runtime the installed INT8 model was calibrated for (``tensorrt`` or ``onnxruntime``), or None.
@@ -365,9 +378,10 @@ class Bundle:
 
     def add_task(self, *, name: str, class_names, prototypes: np.ndarray, images_seen: int,
                  accuracy: float | None, source: str, replace: bool = False,
-                 stats: TaskStats | None = None) -> TaskRecord:
+                 stats: TaskStats | None = None, precision: str | None = None) -> TaskRecord:
         """Store a task's prototypes (and task-free ``stats``) and register it; ``replace`` overwrites
-        a task of the same name.
+        a task of the same name. ``precision``: the backbone the task was fitted on (recorded with
+        that model's SHA-256; None: the exported FP32 one).
 
         The npz files are written (atomically) before the registry, so a crash in between leaves
         orphan files, never a registry entry without its files.
@@ -399,7 +413,8 @@ class Bundle:
             record = TaskRecord(name=name, class_names=class_names, file=file, sha256=sha,
                                 images_seen=int(images_seen), accuracy=None if accuracy is None else float(accuracy),
                                 created=utc_now(), bytes=len(data), source=source, stats_file=stats_file,
-                                stats_sha256=stats_sha)
+                                stats_sha256=stats_sha, precision=precision,
+                                backbone_sha256=self.backbone_sha256(precision) if precision else None)
             self._write_registry([record if r.name == name else r for r in records] if old else [*records, record])
         except StorageError:
             # The registry still names the old files only: what this call wrote goes, nothing else.

@@ -108,7 +108,9 @@ def train(
                    f"BWT {100 * metrics['bwt']:+.2f}%  -> {out / 'metrics.json'}")
 
 
-PRECISION_HELP = "Backbone: fp32, or int8 (the model `pah-edge calibrate` installed; learn and predict alike)."
+PRECISION_HELP = "Backbone: fp32, or int8 (the model `pah-edge calibrate` installed); the task records it."
+PREDICT_PRECISION_HELP = ("Backbone: auto (each task on the one it was learned on), or fp32 / int8 for every task "
+                          "(a task learned on the other gets a warning).")
 
 
 @app.command("learn-task")
@@ -148,7 +150,7 @@ def predict(
     any_task: bool = typer.Option(False, "--any-task", help="Every task (the default; kept as an alias)."),
     novelty_threshold: Optional[float] = typer.Option(None, help="Novelty above which an image is unknown (default: the bundle's)."),
     runtime: str = typer.Option("auto", help="auto (TensorRT engine if built, else ONNX Runtime), tensorrt, onnxruntime."),
-    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    precision: str = typer.Option("auto", help=PREDICT_PRECISION_HELP),
     batch_size: int = typer.Option(32, help="Images per backbone call."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list of {path, task, label, confidence, novelty, known}."),
     video: Optional[Path] = typer.Option(None, help="Predict a video file's frames instead: one JSON line per frame (needs pah-edge[camera])."),

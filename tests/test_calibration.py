@@ -277,3 +277,46 @@ def test_calibrate_help():
         assert option in result.stdout, option
     for command in ("learn-task", "predict"):
         assert "--precision" in _run(command, "--help").stdout, command
+
+
+# --- a task keeps the backbone it was learned on ------------------------------------------------------
+
+
+def test_a_task_is_predicted_on_the_backbone_it_was_learned_on_and_a_mismatch_warns_once(made, bundle_dir, caplog):
+    import logging
+
+    from pah_edge.device.learner import learn_task
+    from pah_edge.device.predict import Predictor
+
+    _, calib, _, new_task = made
+    assert _run("calibrate", bundle_dir, "--images", calib, "--max-drop", "100", *FAST).returncode == 0
+    bundle = Bundle.open(bundle_dir)
+    learn_task(bundle, new_task, name="pairs", precision="int8", runtime="onnxruntime-cpu", progress=False)
+    record = bundle.task("pairs")
+    assert record.precision == "int8"
+    assert record.backbone_sha256 == json.loads((bundle_dir / CALIBRATION_NAME).read_text())["sha256"]
+    assert bundle.task("a").precision is None  # exported tasks: the FP32 graph
+    files = sorted(new_task.glob("*/*.png"))
+
+    def predict(precision="auto", task="pairs"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "pah_edge"), \
+                Predictor(bundle, runtime="onnxruntime-cpu", precision=precision) as predictor:
+            results = [predictor.predict(files, task=task) for _ in range(2)]
+        assert results[0] == results[1]
+        return results[0], [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    as_learned, warnings = predict()
+    assert as_learned == predict("int8")[0] and warnings == []
+    on_fp32, warnings = predict("fp32")
+    assert len(warnings) == 1, warnings  # once per Predictor, however many calls
+    assert "learned on the int8 backbone and is predicted on fp32 features" in warnings[0]
+    assert "4 points" in warnings[0] and "leave out --precision fp32" in warnings[0]
+    assert [p["novelty"] for p in on_fp32] != [p["novelty"] for p in as_learned]  # other features, really
+    _, warnings = predict(task=None)  # task-free: one backbone (FP32) for the exported tasks and this one
+    assert len(warnings) == 1 and "task 'pairs'" in warnings[0] and "--precision fp32" in warnings[0]
+
+    (bundle_dir / INT8_BACKBONE_NAME).unlink()  # the INT8 model is gone: FP32, and say how to get it back
+    (bundle_dir / CALIBRATION_NAME).unlink()
+    answers, warnings = predict()
+    assert answers == on_fp32 and len(warnings) == 1 and "pah-edge calibrate" in warnings[0]
