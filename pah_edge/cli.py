@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+import pah_edge.blas_threads  # noqa: F401  (first: before anything loads numpy)
 from pah_edge.atomic import STORAGE_ERRNOS, storage_error
 from pah_edge.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT_PER_CLASS
 from pah_edge.errors import PahEdgeError

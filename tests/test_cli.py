@@ -241,3 +241,15 @@ def test_console_script_is_pah_edge_cli_main():
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"pah-edge": "pah_edge.cli:main"}
+
+
+@pytest.mark.parametrize("given, expected", [(None, "1"), ("2", str(min(2, os.cpu_count() or 1)))])
+def test_the_cli_runs_numpy_on_one_blas_thread_unless_told_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    pytest.importorskip("threadpoolctl", reason="reads the BLAS thread count numpy's OpenBLAS uses")
+    code = ("import pah_edge.cli, threadpoolctl; "
+            "print(*[i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.split() == [expected], result.stderr[-500:]  # set before numpy loaded its BLAS
