@@ -1,8 +1,14 @@
 """Shared fixtures and hardware markers: tests that need TensorRT or CUDA skip with a reason."""
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _has_cuda() -> bool:
@@ -62,11 +68,33 @@ def run_cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def run_cli_process(*args, env: dict | None = None, timeout: float = 300):
+    """``pah-edge ARGS`` in a fresh Python process, as a user's shell runs it: plain 80-column output."""
+    env = {**os.environ, "COLUMNS": "80", "PYTHONWARNINGS": "default", **(env or {})}
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "pah_edge.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+
+
 def assert_one_line_error(result, *words) -> str:
-    """The CLI exited 1 with one ``error:`` line on stderr naming every one of ``words``; returns the line."""
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    """The CLI (``run_cli``'s result or ``run_cli_process``'s) exited 1 without a traceback, with one
+    ``error:`` line on stderr naming every one of ``words``; returns the line."""
+    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    output = result.stdout + result.stderr
+    assert code == 1, output
+    assert "Traceback" not in output, output
+    if hasattr(result, "exception"):  # in-process: the only exception may be the exit itself
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for word in words:
-        assert word in lines[0], lines[0]
+        assert word in lines[0], f"{word!r} missing from: {lines[0]}"
     return lines[0]
+
+
+def file_tree(root: Path, *, lock: bool = True) -> dict[str, bytes]:
+    """Every file under ``root`` and its bytes; ``lock=False`` leaves out the empty lock file that
+    registry commands create on first use."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and (lock or p.name != ".lock")}

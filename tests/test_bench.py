@@ -9,10 +9,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, file_tree, run_cli
 from tiny_bundle import make_tiny_bundle, query_folder
-from typer.testing import CliRunner
 
-from pah_edge.cli import app
 from pah_edge.device.bench import BenchConfig, add_ratios, run_bench
 from pah_edge.device.bench_timing import NOISY_CV, Timing, alternating, measure
 from pah_edge.device.runtimes import tensorrt_problem
@@ -25,9 +24,6 @@ COMPONENTS = ("backbone", "head-generation", "learner-step", "predict-e2e", "pre
 QUICK = {"iterations": 5, "warmup": 1, "threads": 1}
 
 
-def _files(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, mnist_digits):
@@ -39,10 +35,10 @@ def made(tmp_path_factory, mnist_digits):
 def measured(made):
     """(report, JSON path, plot path, bundle files before, bundle files after) of one ORT + torch run."""
     bundle, _, root = made
-    before = _files(bundle)
+    before = file_tree(bundle)
     config = BenchConfig(runtimes=("onnxruntime", "torch"), batches=(1, 4), **QUICK)
     report = run_bench(bundle, config, json_path=root / "out" / "b.json", plot_path=root / "out" / "b.png")
-    return report, root / "out" / "b.json", root / "out" / "b.png", before, _files(bundle)
+    return report, root / "out" / "b.json", root / "out" / "b.png", before, file_tree(bundle)
 
 
 def _row(report, component, runtime, batch, precision="fp32"):
@@ -196,16 +192,6 @@ def test_add_ratios_leaves_none_without_a_reference():
 # --- the command line -------------------------------------------------------------------------------------
 
 
-def _cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_line_error(result, *words):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("args, words", [
@@ -217,19 +203,19 @@ def _one_line_error(result, *words):
     (["--threads", "0"], ["--threads must be >= 1"]),
 ])
 def test_bad_arguments_are_one_line_errors(made, args, words):
-    _one_line_error(_cli("bench", made[0], *args), *words)
+    assert_one_line_error(run_cli("bench", made[0], *args), *words)
 
 
 def test_a_missing_bundle_is_a_one_line_error(tmp_path):
-    _one_line_error(_cli("bench", tmp_path / "nope", "--runtime", "onnxruntime"), "no bundle at", "pah-edge export")
+    assert_one_line_error(run_cli("bench", tmp_path / "nope", "--runtime", "onnxruntime"), "no bundle at", "pah-edge export")
 
 
 def test_bad_images_folder_is_a_one_line_error(made, tmp_path):
-    _one_line_error(_cli("bench", made[0], "--images", tmp_path / "none", "--iterations", "1"), "--images", "folder")
+    assert_one_line_error(run_cli("bench", made[0], "--images", tmp_path / "none", "--iterations", "1"), "--images", "folder")
 
 
 def test_the_command_prints_machine_table_and_skips(made, tmp_path):
-    result = _cli("bench", made[0], "--runtime", "onnxruntime", "--batch", "1", "--iterations", "2", "--warmup", "0",
+    result = run_cli("bench", made[0], "--runtime", "onnxruntime", "--batch", "1", "--iterations", "2", "--warmup", "0",
                   "--json", tmp_path / "b.json")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -240,7 +226,7 @@ def test_the_command_prints_machine_table_and_skips(made, tmp_path):
 
 
 def test_help():
-    result = _cli("bench", "--help")
+    result = run_cli("bench", "--help")
     assert result.exit_code == 0 and "--precision" in result.stdout and "--plot" in result.stdout
 
 

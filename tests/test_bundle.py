@@ -1,7 +1,6 @@
 """The bundle format: integrity checks, format versions, and the task registry (pah_edge.bundle)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli_process
 from tiny_bundle import export_tiny_run
 
 from pah_edge.bundle import Bundle, BundleError, validate_task_name
@@ -37,11 +37,6 @@ def _add(bundle: Bundle, name: str, classes: int = 4, seed: int = 0, **kw):
                            images_seen=10 * classes, accuracy=0.75, source="device", **kw)
 
 
-def _cli(*args):
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
-    return subprocess.run([sys.executable, "-m", "pah_edge.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=300, env={**env, "COLUMNS": "80"})
-
 
 def test_a_flipped_byte_in_a_graph_is_caught(bundle_dir):
     graph = bundle_dir / "backbone.onnx"
@@ -52,7 +47,7 @@ def test_a_flipped_byte_in_a_graph_is_caught(bundle_dir):
         Bundle.open(bundle_dir)
     assert Bundle.open(bundle_dir, verify=False).feature_dim == 32  # e.g. to read the manifest of a broken bundle
 
-    result = _cli("verify", bundle_dir)
+    result = run_cli_process("verify", bundle_dir)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: backbone.onnx does not match"), result.stderr

@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import write_image_folder
+from conftest import assert_one_line_error, file_tree, run_cli_process, write_image_folder
 from PIL import Image
-from test_cli import _assert_one_line_error, _run, _tree
 from tiny_bundle import make_tiny_bundle
 
 from pah_edge.bundle import (CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_BACKBONE_NAME, LOCK_NAME, Bundle,
@@ -150,9 +149,9 @@ def test_calibration_files_take_classes_in_turn(tmp_path, mnist_digits):
 
 def test_calibrate_installs_int8_and_reports(made, bundle_dir):
     _, calib, evaluation, new_task = made
-    before = _tree(bundle_dir)
+    before = file_tree(bundle_dir)
     # The tiny tasks' near-tied logits make small drops likely: this test is about the install and the report.
-    result = _run("calibrate", bundle_dir, "--images", calib, "--eval", evaluation, "--new-task", new_task,
+    result = run_cli_process("calibrate", bundle_dir, "--images", calib, "--eval", evaluation, "--new-task", new_task,
                   "--max-drop", "100", "--json", *FAST)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -173,7 +172,7 @@ def test_calibrate_installs_int8_and_reports(made, bundle_dir):
     assert opened.int8_backbone_path() == bundle_dir / INT8_BACKBONE_NAME
     record = json.loads((bundle_dir / CALIBRATION_NAME).read_text())
     assert record["sha256"] == report["sha256"]
-    after = _tree(bundle_dir)
+    after = file_tree(bundle_dir)
     assert set(after) - set(before) == {INT8_BACKBONE_NAME, CALIBRATION_NAME, LOCK_NAME}
     assert {k: v for k, v in after.items() if k in before} == before, "the FP32 bundle must stay as it was"
 
@@ -211,18 +210,18 @@ def test_a_calibration_over_max_drop_is_not_installed(made, bundle_dir, tmp_path
     black = tmp_path / "black"
     black.mkdir()
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(black / "0.png")  # ranges from a blank image clip real digits
-    before = _tree(bundle_dir)
-    result = _run("calibrate", bundle_dir, "--images", black, "--samples", "1", "--method", "minmax", "--eval",
+    before = file_tree(bundle_dir)
+    result = run_cli_process("calibrate", bundle_dir, "--images", black, "--samples", "1", "--method", "minmax", "--eval",
                   evaluation, "--latency-runs", "1", "--no-progress")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "more than --max-drop 1" in result.stderr and "FP32 stays the default" in result.stderr
     assert "INT8 %" in result.stdout, "the report is printed before the error"
-    after = _tree(bundle_dir)
+    after = file_tree(bundle_dir)
     assert set(after) - set(before) == {CALIBRATION_REJECTED_NAME, LOCK_NAME}
     assert not (bundle_dir / INT8_BACKBONE_NAME).exists()
     assert not json.loads(after[CALIBRATION_REJECTED_NAME])["passed"]
     assert Bundle.open(bundle_dir).int8_backbone_path() is None
-    _assert_one_line_error(_run("learn-task", new_task, "--bundle", bundle_dir, "--precision", "int8", "--no-progress"),
+    assert_one_line_error(run_cli_process("learn-task", new_task, "--bundle", bundle_dir, "--precision", "int8", "--no-progress"),
                            "--max-drop", "pah-edge calibrate")
 
 
@@ -250,33 +249,33 @@ def test_bad_calibration_input_is_one_line_and_leaves_the_bundle_unchanged(made,
         (tmp_path / "eval" / "zzz").mkdir(parents=True)
         extra = ["--eval", tmp_path / "eval"]
     samples = "500" if case == "too few" else "2"
-    before = _tree(bundle_dir)
-    _assert_one_line_error(_run("calibrate", bundle_dir, "--images", images, "--samples", samples, *extra,
+    before = file_tree(bundle_dir)
+    assert_one_line_error(run_cli_process("calibrate", bundle_dir, "--images", images, "--samples", samples, *extra,
                                 "--no-progress"), *fixes)
-    assert _tree(bundle_dir) == before
+    assert file_tree(bundle_dir) == before
 
 
 def test_unknown_target_is_one_line(made, bundle_dir):
-    before = _tree(bundle_dir)
-    _assert_one_line_error(_run("calibrate", bundle_dir, "--images", made[1], "--target", "gpu", *FAST),
+    before = file_tree(bundle_dir)
+    assert_one_line_error(run_cli_process("calibrate", bundle_dir, "--images", made[1], "--target", "gpu", *FAST),
                            "unknown --target 'gpu'", "tensorrt, onnxruntime")
-    assert _tree(bundle_dir) == before
+    assert file_tree(bundle_dir) == before
 
 
 def test_int8_without_calibration_names_the_fix(made, bundle_dir):
-    _assert_one_line_error(_run("predict", made[3], "--bundle", bundle_dir, "--precision", "int8"),
+    assert_one_line_error(run_cli_process("predict", made[3], "--bundle", bundle_dir, "--precision", "int8"),
                            "no usable INT8 model", f"pah-edge calibrate {bundle_dir}")
 
 
 def test_calibrate_help():
-    result = _run("calibrate", "--help")
+    result = run_cli_process("calibrate", "--help")
     assert result.returncode == 0, result.stderr
     for option in ("--images", "--samples", "--target", "--method", "--per-channel", "--fp32-first", "--fp32-last",
                    "--exclude ", "--eval",
                    "--max-drop", "--new-task"):
         assert option in result.stdout, option
     for command in ("learn-task", "predict"):
-        assert "--precision" in _run(command, "--help").stdout, command
+        assert "--precision" in run_cli_process(command, "--help").stdout, command
 
 
 # --- a task keeps the backbone it was learned on ------------------------------------------------------
@@ -289,7 +288,7 @@ def test_a_task_is_predicted_on_the_backbone_it_was_learned_on_and_a_mismatch_wa
     from pah_edge.device.predict import Predictor
 
     _, calib, _, new_task = made
-    assert _run("calibrate", bundle_dir, "--images", calib, "--max-drop", "100", *FAST).returncode == 0
+    assert run_cli_process("calibrate", bundle_dir, "--images", calib, "--max-drop", "100", *FAST).returncode == 0
     bundle = Bundle.open(bundle_dir)
     learn_task(bundle, new_task, name="pairs", precision="int8", runtime="onnxruntime-cpu", progress=False)
     record = bundle.task("pairs")

@@ -13,35 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_image_folder
+from conftest import assert_one_line_error, file_tree, run_cli_process, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "tiny_cnn", "--image-size", "28", "--no-progress", "--prototype-size", "8", "--epochs", "1"]
 TIMEOUT = 300  # s; generous for a loaded 2-core machine, the cases take seconds
 
 
-def _run(*args):
-    env = {**os.environ, "COLUMNS": "80", "PYTHONWARNINGS": "default"}
-    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
-        env.pop(var, None)
-    return subprocess.run(
-        [sys.executable, "-m", "pah_edge.cli", *map(str, args)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=TIMEOUT,
-    )
-
-
-def _assert_one_line_error(result, *fixes):
-    """Exit 1, no traceback, and stderr is exactly one `error: ...` line containing every word in ``fixes``."""
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output
-    assert "Traceback" not in output, output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected a single error line, got {len(lines)}:\n{result.stderr}"
-    message = lines[0].strip()
-    assert message.startswith("error:"), message
-    for fix in fixes:
-        assert fix in message, f"{fix!r} missing from: {message}"
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +29,6 @@ def two_classes(tmp_path_factory, mnist_digits):
     return write_image_folder(root, mnist_digits, {"task": [0, 1]}, per_class=12) / "task"
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 # --- 1-3: image folders that cannot make a task ------------------------------------------------------
 
@@ -62,7 +37,7 @@ def test_empty_folder(tmp_path):
     root = tmp_path / "empty"
     root.mkdir()
     out = tmp_path / "run"
-    message = _assert_one_line_error(_run("train", root, *TINY, "--out", out), "ROOT/<class>", "ROOT/<task>/<class>")
+    message = assert_one_line_error(run_cli_process("train", root, *TINY, "--out", out), "ROOT/<class>", "ROOT/<task>/<class>")
     assert str(root) in message
     assert not out.exists(), "a failed run must not leave a run directory behind"
 
@@ -70,7 +45,7 @@ def test_empty_folder(tmp_path):
 def test_task_with_one_class(tmp_path, mnist_digits):
     root = write_image_folder(tmp_path / "data", mnist_digits, {"only": [3]}, per_class=10) / "only"
     out = tmp_path / "run"
-    message = _assert_one_line_error(_run("train", root, *TINY, "--out", out), "at least 2 class folders")
+    message = assert_one_line_error(run_cli_process("train", root, *TINY, "--out", out), "at least 2 class folders")
     assert "digit3" in message
     assert not out.exists()
 
@@ -78,7 +53,7 @@ def test_task_with_one_class(tmp_path, mnist_digits):
 def test_one_class_task_among_several_is_named(tmp_path, mnist_digits):
     root = write_image_folder(tmp_path / "data", mnist_digits, {"a": [0, 1], "b": [2]}, per_class=10)
     out = tmp_path / "run"
-    _assert_one_line_error(_run("train", root, *TINY, "--out", out), "'b'", "at least 2 class folders")
+    assert_one_line_error(run_cli_process("train", root, *TINY, "--out", out), "'b'", "at least 2 class folders")
     assert not out.exists()
 
 
@@ -90,7 +65,7 @@ def test_class_folder_without_images(tmp_path, mnist_digits, layout):
     (empty / "notes.txt").write_text("not an image")
     root = data / "t" if layout == "one task" else data
     out = tmp_path / "run"
-    message = _assert_one_line_error(_run("train", root, *TINY, "--out", out), "digit9", ".png", "remove the folder")
+    message = assert_one_line_error(run_cli_process("train", root, *TINY, "--out", out), "digit9", ".png", "remove the folder")
     assert "no images" in message
     assert not out.exists()
 
@@ -103,10 +78,10 @@ def test_corrupt_images_are_skipped_with_a_counted_warning(tmp_path, mnist_digit
     (root / "digit0" / "garbage.png").write_bytes(b"this is not a png" * 20)
     good = (root / "digit1" / "0.png").read_bytes()
     (root / "digit1" / "truncated.png").write_bytes(good[: len(good) // 2])
-    before = _tree(root)
+    before = file_tree(root)
     out = tmp_path / "run"
 
-    result = _run("train", root, *TINY, "--out", out)
+    result = run_cli_process("train", root, *TINY, "--out", out)
 
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -115,7 +90,7 @@ def test_corrupt_images_are_skipped_with_a_counted_warning(tmp_path, mnist_digit
     assert "skipped 2 unreadable image(s) in task 't'" in warning, result.stderr
     assert "digit0/garbage.png" in warning and "digit1/truncated.png" in warning
     assert (out / "metrics.json").is_file()
-    assert _tree(root) == before, "the user's images must be left exactly as they were"
+    assert file_tree(root) == before, "the user's images must be left exactly as they were"
 
 
 def test_too_few_readable_images_left_is_an_error(tmp_path, mnist_digits):
@@ -125,7 +100,7 @@ def test_too_few_readable_images_left_is_an_error(tmp_path, mnist_digits):
             extra.unlink()
     (root / "digit0" / "garbage.png").write_bytes(b"garbage")  # 3 files, only 2 decode
     out = tmp_path / "run"
-    result = _run("train", root, *TINY, "--out", out)
+    result = run_cli_process("train", root, *TINY, "--out", out)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
     lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
@@ -139,7 +114,7 @@ def test_too_few_readable_images_left_is_an_error(tmp_path, mnist_digits):
 
 def test_unknown_backbone_lists_the_valid_names(tmp_path, two_classes):
     out = tmp_path / "run"
-    _assert_one_line_error(_run("train", two_classes, "--backbone", "nope", "--out", out),
+    assert_one_line_error(run_cli_process("train", two_classes, "--backbone", "nope", "--out", out),
                            "'nope'", "mobilenet_v3_small", "resnet18", "tiny_cnn")
     assert not out.exists()
 
@@ -147,8 +122,8 @@ def test_unknown_backbone_lists_the_valid_names(tmp_path, two_classes):
 def test_missing_benchmark_data_dir(tmp_path):
     out = tmp_path / "run"
     missing = tmp_path / "nonexistent"
-    message = _assert_one_line_error(
-        _run("train", "--benchmark", "split-fashion-mnist", "--data-dir", missing, *TINY, "--out", out),
+    message = assert_one_line_error(
+        run_cli_process("train", "--benchmark", "split-fashion-mnist", "--data-dir", missing, *TINY, "--out", out),
         "--data-dir", "apt-get install -y dataset-fashion-mnist",
     )
     assert str(missing) in message
@@ -158,27 +133,27 @@ def test_missing_benchmark_data_dir(tmp_path):
 def test_missing_image_folder(tmp_path):
     out = tmp_path / "run"
     missing = tmp_path / "no-such-folder"
-    message = _assert_one_line_error(_run("train", missing, *TINY, "--out", out), "does not exist", "ROOT/<class>")
+    message = assert_one_line_error(run_cli_process("train", missing, *TINY, "--out", out), "does not exist", "ROOT/<class>")
     assert str(missing) in message
     assert not out.exists()
 
 
 def test_unknown_benchmark_lists_the_valid_names(tmp_path):
     out = tmp_path / "run"
-    _assert_one_line_error(_run("train", "--benchmark", "nope", *TINY, "--out", out),
+    assert_one_line_error(run_cli_process("train", "--benchmark", "nope", *TINY, "--out", out),
                            "'nope'", "split-fashion-mnist", "mnist-5k", "split-cifar100", "tiny-imagenet")
     assert not out.exists()
 
 
 def test_neither_folder_nor_benchmark(tmp_path):
     out = tmp_path / "run"
-    _assert_one_line_error(_run("train", *TINY, "--out", out), "--benchmark")
+    assert_one_line_error(run_cli_process("train", *TINY, "--out", out), "--benchmark")
     assert not out.exists()
 
 
 def test_unknown_option_is_a_usage_error_with_code_1(tmp_path):
     out = tmp_path / "run"
-    result = _run("train", "--nope", "--out", out)
+    result = run_cli_process("train", "--nope", "--out", out)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output  # Click's own code would be 2
     assert "Traceback" not in output
@@ -187,12 +162,12 @@ def test_unknown_option_is_a_usage_error_with_code_1(tmp_path):
 
 
 def test_unknown_option_is_one_error_line(tmp_path):
-    _assert_one_line_error(_run("train", "--nope", "--out", tmp_path / "run"), "--nope", "--help")
+    assert_one_line_error(run_cli_process("train", "--nope", "--out", tmp_path / "run"), "--nope", "--help")
 
 
 def test_missing_weights_file(tmp_path, two_classes):
     out = tmp_path / "run"
-    _assert_one_line_error(_run("train", two_classes, *TINY, "--weights", "/missing.pt", "--out", out),
+    assert_one_line_error(run_cli_process("train", two_classes, *TINY, "--weights", "/missing.pt", "--out", out),
                            "'/missing.pt'", "not found", "--weights PATH")
     assert not out.exists()
 
@@ -201,7 +176,7 @@ def test_weights_file_that_is_not_a_state_dict(tmp_path, two_classes):
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"not a torch file")
     out = tmp_path / "run"
-    _assert_one_line_error(_run("train", two_classes, *TINY, "--weights", weights, "--out", out),
+    assert_one_line_error(run_cli_process("train", two_classes, *TINY, "--weights", weights, "--out", out),
                            str(weights), "torch.save(model.state_dict())")
     assert not out.exists()
 
@@ -212,7 +187,7 @@ def test_pretrained_torchvision_backbone_without_cached_weights(tmp_path, two_cl
     for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # a download attempt would fail at once, not hang
     out = tmp_path / "run"
-    _assert_one_line_error(_run("train", two_classes, "--backbone", "mobilenet_v3_small", "--pretrained", "--image-size", "32",
+    assert_one_line_error(run_cli_process("train", two_classes, "--backbone", "mobilenet_v3_small", "--pretrained", "--image-size", "32",
                                 "--no-progress", "--epochs", "1", "--out", out),
                            "mobilenet_v3_small", "https://download.pytorch.org/models/mobilenet_v3_small-",
                            str(tmp_path / "torch" / "hub" / "checkpoints"), "--weights PATH")
@@ -223,13 +198,13 @@ def test_pretrained_torchvision_backbone_without_cached_weights(tmp_path, two_cl
 
 
 def test_help():
-    result = _run("--help")
+    result = run_cli_process("--help")
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "Traceback" not in result.stdout + result.stderr
 
 
 def test_train_help():
-    result = _run("train", "--help")
+    result = run_cli_process("train", "--help")
     assert result.returncode == 0, result.stderr
     for option in ("--benchmark", "--backbone", "--out", "--resume", "--weights"):
         assert option in result.stdout, option

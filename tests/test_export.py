@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import file_tree, write_image_folder
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
@@ -67,9 +67,6 @@ def _errors_within(report):
     for name, graph in report["graphs"].items():
         assert not GRAPH_TOLERANCES[name].violations(graph["errors"]), (name, graph["errors"])
 
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_bundle_holds_graphs_manifest_and_workstation_tasks(runs, bundles):
@@ -225,14 +222,14 @@ def test_linear_head_run_is_refused(runs, tmp_path):
 
 def test_existing_bundle_is_kept_without_force_and_replaced_with_it(runs, bundles, tmp_path):
     path = shutil.copytree(bundles["classwise"][0], tmp_path / "bundle")
-    before = _tree(path)
+    before = file_tree(path)
     args = ["export", "--checkpoint", str(runs["classwise"]), "--out", str(path), "--no-simplify"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "--force" in result.output
-    assert _tree(path) == before
+    assert file_tree(path) == before
     result = CliRunner().invoke(app, [*args, "--force"])
     assert result.exit_code == 0, result.output
-    assert _tree(path) != before and Bundle.open(path).tasks()
+    assert file_tree(path) != before and Bundle.open(path).tasks()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .tmp- or .old- leftovers
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import assert_one_line_error, file_tree, write_image_folder
 from tiny_bundle import export_tiny_run
 from PIL import Image
 
@@ -96,11 +96,6 @@ def _blank_png(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    """Every file's bytes, except the lock file (its content is irrelevant; it stays once created)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
-
 
 def _cli(*args, no_torch=True, **popen):
     command = [sys.executable, "-c", NO_TORCH] if no_torch else [sys.executable, "-m", "pah_edge.cli"]
@@ -112,16 +107,6 @@ def _cli(*args, no_torch=True, **popen):
         return subprocess.Popen(argv, text=True, env=env, cwd=REPO, **popen)
     return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
-
-def _assert_one_line_error(result, *words) -> str:
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output
-    assert "Traceback" not in output, output
-    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for word in words:
-        assert word in lines[0], f"{word!r} missing from: {lines[0]}"
-    return lines[0]
 
 
 # --- learning ----------------------------------------------------------------------------------------
@@ -171,7 +156,7 @@ def test_old_tasks_stay_bit_identical(bundle_dir, new_task, exported, mnist_digi
         assert np.array_equal(logits, after[name]), f"task {name!r} changed"
         assert (bundle_dir / f"tasks/{name}.npz").read_bytes() == files_before[name]
     assert [t.to_dict() for t in Bundle.open(bundle_dir).tasks()][:2] == entries_before
-    assert _tree(bundle_dir).keys() - _tree(exported).keys() == {"tasks/digits.npz", "tasks/digits.stats.npz"}
+    assert file_tree(bundle_dir, lock=False).keys() - file_tree(exported, lock=False).keys() == {"tasks/digits.npz", "tasks/digits.stats.npz"}
 
 
 def test_replace_overwrites_the_task(bundle_dir, new_task):
@@ -403,15 +388,15 @@ def test_bad_input_is_one_line_and_leaves_the_bundle_as_it_was(case, bundle_dir,
     folder, extra = make_folder(tmp_path, mnist_digits)
     if edit_bundle:
         edit_bundle(tmp_path, mnist_digits, bundle_dir)
-    before = _tree(bundle_dir)
+    before = file_tree(bundle_dir, lock=False)
     result = _cli(folder, "--bundle", bundle_dir, "--no-progress", *extra)
     if case == "only a 100 MP image":
         # Found only by decoding, so the runtime line that opens feature extraction comes first.
         info, _, error = result.stderr.strip().partition("\n")
         assert info.startswith("INFO extracting features of 9 images on onnxruntime-cpu"), result.stderr
         result = subprocess.CompletedProcess(result.args, result.returncode, result.stdout, error)
-    _assert_one_line_error(result, *words)
-    assert _tree(bundle_dir) == before
+    assert_one_line_error(result, *words)
+    assert file_tree(bundle_dir, lock=False) == before
 
 
 def test_unreadable_images_are_skipped_with_a_counted_warning(bundle_dir, new_task, tmp_path):
@@ -450,7 +435,7 @@ def slow_task(tmp_path_factory):
 
 
 def test_kill_9_during_learning_leaves_the_bundle_as_it_was(bundle_dir, slow_task, new_task):
-    before = _tree(bundle_dir)
+    before = file_tree(bundle_dir, lock=False)
     proc = _cli(slow_task, "--bundle", bundle_dir, "--no-progress", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for line in proc.stderr:  # EOF ends the loop if the child dies first
@@ -463,7 +448,7 @@ def test_kill_9_during_learning_leaves_the_bundle_as_it_was(bundle_dir, slow_tas
     finally:
         proc.kill()
         proc.stderr.close()
-    assert _tree(bundle_dir) == before
+    assert file_tree(bundle_dir, lock=False) == before
     Bundle.open(bundle_dir)  # every hash still verifies
     result = _cli(new_task, "--bundle", bundle_dir, "--no-progress", "--name", "after-kill")
     assert result.returncode == 0, result.stderr

@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import assert_one_line_error, file_tree, run_cli
 from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
-from typer.testing import CliRunner
 
 from pah_edge.bundle import Bundle, BundleError
-from pah_edge.cli import app
 from pah_edge.device.predict import Predictor, image_files, softmax
-from pah_edge.errors import ConfigError, DataError
+from pah_edge.errors import DataError
 from pah_edge.preprocess import load_image, to_input
 
 
@@ -39,24 +38,7 @@ def query(made):
     return made[1]
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    """Every file's bytes, except the empty lock file that registry commands create on first use."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
 
-
-def _cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_line_error(result, *words) -> str:
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def _by_hand(bundle_dir: Path, files: list[Path], task: str) -> np.ndarray:
@@ -81,7 +63,7 @@ def test_folders_are_walked_recursively_skipping_hidden_and_non_images(query):
 
 
 def test_json_output_for_a_file_and_a_folder(bundle_dir, query):
-    result = _cli("predict", query / "six" / "0.png", query, "--bundle", bundle_dir, "--task", "c", "--json")
+    result = run_cli("predict", query / "six" / "0.png", query, "--bundle", bundle_dir, "--task", "c", "--json")
     assert result.exit_code == 0, result.output
     predictions = json.loads(result.stdout)  # stdout holds the JSON list and nothing else
     assert [p["path"] for p in predictions] == [str(query / "six" / "0.png"), *(str(query / f) for f in QUERY_FILES)]
@@ -156,7 +138,7 @@ def test_task_given_results_are_those_of_the_generated_head_whatever_the_statist
 
 def test_every_task_answers_without_task_and_the_threshold_decides_unknown(bundle_dir, query):
     def run(*flags):
-        result = _cli("predict", query, "--bundle", bundle_dir, *flags)
+        result = run_cli("predict", query, "--bundle", bundle_dir, *flags)
         assert result.exit_code == 0, result.output
         return result
 
@@ -171,7 +153,7 @@ def test_every_task_answers_without_task_and_the_threshold_decides_unknown(bundl
 
 
 def test_task_from_the_cli(bundle_dir, query):
-    result = _cli("predict", query / "six", "--bundle", bundle_dir, "--task", "c")
+    result = run_cli("predict", query / "six", "--bundle", bundle_dir, "--task", "c")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith(str(query / "six" / "0.png"))
@@ -203,27 +185,27 @@ def test_unreadable_images_are_skipped_with_one_warning(bundle_dir, query, tmp_p
     (["--runtime", "torch"], ["unknown runtime 'torch'", "onnxruntime"]),
 ])
 def test_bad_predict_options_are_one_line_errors(bundle_dir, query, args, words):
-    before = _tree(bundle_dir)
-    _one_line_error(_cli("predict", query, "--bundle", bundle_dir, *args), *words)
-    assert _tree(bundle_dir) == before
+    before = file_tree(bundle_dir, lock=False)
+    assert_one_line_error(run_cli("predict", query, "--bundle", bundle_dir, *args), *words)
+    assert file_tree(bundle_dir, lock=False) == before
 
 
 def test_bad_predict_paths_are_one_line_errors(bundle_dir, query, tmp_path):
-    before = _tree(bundle_dir)
-    _one_line_error(_cli("predict", query / "nope.png", "--bundle", bundle_dir), "no file or folder", "nope.png")
-    _one_line_error(_cli("predict", query, "--bundle", tmp_path / "none"), "no bundle at", "pah-edge export")
+    before = file_tree(bundle_dir, lock=False)
+    assert_one_line_error(run_cli("predict", query / "nope.png", "--bundle", bundle_dir), "no file or folder", "nope.png")
+    assert_one_line_error(run_cli("predict", query, "--bundle", tmp_path / "none"), "no bundle at", "pah-edge export")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(_cli("predict", empty, "--bundle", bundle_dir), "no images (.png, .jpg, .jpeg, .bmp) in")
-    assert _tree(bundle_dir) == before
+    assert_one_line_error(run_cli("predict", empty, "--bundle", bundle_dir), "no images (.png, .jpg, .jpeg, .bmp) in")
+    assert file_tree(bundle_dir, lock=False) == before
 
 
 def test_a_bundle_without_tasks_names_the_fix(bundle_dir, query):
     bundle = Bundle.open(bundle_dir)
     for record in bundle.tasks():
         bundle.remove_task(record.name)
-    _one_line_error(_cli("predict", query, "--bundle", bundle_dir), "has no tasks", "pah-edge learn-task")
-    result = _cli("tasks", "--bundle", bundle_dir)
+    assert_one_line_error(run_cli("predict", query, "--bundle", bundle_dir), "has no tasks", "pah-edge learn-task")
+    result = run_cli("tasks", "--bundle", bundle_dir)
     assert result.exit_code == 0 and "no tasks in" in result.stdout
 
 
@@ -231,14 +213,14 @@ def test_a_bundle_without_tasks_names_the_fix(bundle_dir, query):
 
 
 def test_tasks_lists_the_registry(bundle_dir):
-    result = _cli("tasks", "--bundle", bundle_dir, "--json")
+    result = run_cli("tasks", "--bundle", bundle_dir, "--json")
     assert result.exit_code == 0, result.output
     listed = json.loads(result.stdout)
     assert listed == [r.to_dict() for r in Bundle.open(bundle_dir).tasks()]
     assert [(t["name"], len(t["class_names"]), t["source"]) for t in listed] == [
         ("a", 3, "workstation"), ("b", 3, "workstation"), ("c", 4, "device")]
 
-    result = _cli("tasks", "--bundle", bundle_dir)
+    result = run_cli("tasks", "--bundle", bundle_dir)
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
     c = listed[2]
@@ -250,15 +232,15 @@ def test_tasks_lists_the_registry(bundle_dir):
 
 def test_remove_and_rename_round_trip(bundle_dir):
     c_prototypes = Bundle.open(bundle_dir).load_prototypes("c")
-    result = _cli("tasks", "rename", "c", "sevens", "--bundle", bundle_dir)
+    result = run_cli("tasks", "rename", "c", "sevens", "--bundle", bundle_dir)
     assert result.exit_code == 0 and "renamed task 'c' to 'sevens'" in result.stdout, result.output
-    result = _cli("tasks", "remove", "a", "--bundle", bundle_dir)
+    result = run_cli("tasks", "remove", "a", "--bundle", bundle_dir)
     assert result.exit_code == 0 and "removed task 'a'" in result.stdout, result.output
     bundle = Bundle.open(bundle_dir)
     assert [r.name for r in bundle.tasks()] == ["b", "sevens"]
     np.testing.assert_array_equal(bundle.load_prototypes("sevens"), c_prototypes)
     assert not (bundle_dir / "tasks" / "a.npz").exists()
-    result = _cli("tasks", "--bundle", bundle_dir, "rename", "sevens", "c")  # --bundle of the group counts too
+    result = run_cli("tasks", "--bundle", bundle_dir, "rename", "sevens", "c")  # --bundle of the group counts too
     assert result.exit_code == 0, result.output
     assert [r.name for r in Bundle.open(bundle_dir).tasks()] == ["b", "c"]
 
@@ -271,9 +253,9 @@ def test_remove_and_rename_round_trip(bundle_dir):
     (["rename", "a", ".hidden"], ["invalid task name '.hidden'"]),
 ])
 def test_bad_task_commands_are_one_line_errors_and_change_nothing(bundle_dir, args, words):
-    before = _tree(bundle_dir)
-    _one_line_error(_cli("tasks", *args, "--bundle", bundle_dir), *words)
-    assert _tree(bundle_dir) == before
+    before = file_tree(bundle_dir, lock=False)
+    assert_one_line_error(run_cli("tasks", *args, "--bundle", bundle_dir), *words)
+    assert file_tree(bundle_dir, lock=False) == before
 
 
 @pytest.mark.parametrize("command, option", [
@@ -281,5 +263,5 @@ def test_bad_task_commands_are_one_line_errors_and_change_nothing(bundle_dir, ar
     (["tasks", "rename"], "--bundle"), (["demo"], "--limit-per-class"),
 ])
 def test_help_of_the_new_commands(command, option):
-    result = _cli(*command, "--help")
+    result = run_cli(*command, "--help")
     assert result.exit_code == 0 and option in result.stdout, result.output

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_image_folder
+from conftest import file_tree, write_image_folder
 from tiny_bundle import make_tiny_bundle
 
 from pah_edge.atomic import atomic_write_bytes
@@ -32,9 +32,6 @@ def bundle_dir(made, tmp_path):
     return shutil.copytree(made[0], tmp_path / "bundle")
 
 
-def _files(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 def _limited_cli(*args, limit=LIMIT_BYTES):
     """``pah-edge ARGS`` in a child process that may write files of at most ``limit`` bytes."""
@@ -51,14 +48,14 @@ def _limited_cli(*args, limit=LIMIT_BYTES):
     ("tasks", "rename", "a", "first", "--bundle", "{bundle}"),
 ])
 def test_a_write_that_fails_leaves_the_bundle_as_it_was(bundle_dir, made, command):
-    before = _files(bundle_dir)
+    before = file_tree(bundle_dir)
     args = [part.format(new=made[1], bundle=bundle_dir) for part in command]
     result = _limited_cli(*args)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "could not write" in line and "ulimit -f" in line and "run the command again" in line
-    after = _files(bundle_dir)
+    after = file_tree(bundle_dir)
     assert {k: v for k, v in after.items() if k != ".lock"} == before  # learn-task creates the empty lock file
     assert after.get(".lock", b"") == b""
     assert not [p for p in bundle_dir.rglob("*") if p.name.endswith(".tmp")]

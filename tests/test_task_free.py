@@ -10,9 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error as _one_line_error
-from conftest import run_cli as _cli
-from conftest import write_image_folder
+from conftest import assert_one_line_error, run_cli, write_image_folder
 from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
 
 from pah_edge.bundle import Bundle
@@ -106,24 +104,24 @@ def _as_if_exported_before_the_statistics(bundle_dir):
 def test_an_old_bundle_names_the_command_that_adds_the_statistics(bundle_dir, made, source):
     query, labelled, root = made[1], made[3], made[4]
     _as_if_exported_before_the_statistics(bundle_dir)
-    _one_line_error(_cli("predict", query, "--bundle", bundle_dir), "no task-free statistics",
+    assert_one_line_error(run_cli("predict", query, "--bundle", bundle_dir), "no task-free statistics",
                     f"pah-edge task-stats {bundle_dir}", "--task NAME")
-    assert _cli("predict", query, "--bundle", bundle_dir, "--task", "a").exit_code == 0  # task given: as before
+    assert run_cli("predict", query, "--bundle", bundle_dir, "--task", "a").exit_code == 0  # task given: as before
 
     fix = ["--images", labelled] if source == "images" else ["--checkpoint", root / "run"]
-    result = _cli("task-stats", bundle_dir, *fix, "--no-progress")
+    result = run_cli("task-stats", bundle_dir, *fix, "--no-progress")
     assert result.exit_code == 0, result.output
     assert "novelty threshold" in result.stdout
-    predictions = json.loads(_cli("predict", query, "--bundle", bundle_dir, "--json").stdout)
+    predictions = json.loads(run_cli("predict", query, "--bundle", bundle_dir, "--json").stdout)
     assert len(predictions) == len(QUERY_FILES)
     with_stats = {r.name for r in Bundle.open(bundle_dir).tasks() if r.stats_file}
     assert with_stats == ({"a", "b", "c"} if source == "images" else {"a", "b"})  # c was learned on a device
 
 
 def test_task_stats_needs_exactly_one_source(bundle_dir, tmp_path):
-    _one_line_error(_cli("task-stats", bundle_dir), "--checkpoint RUN_DIR", "--images")
+    assert_one_line_error(run_cli("task-stats", bundle_dir), "--checkpoint RUN_DIR", "--images")
     (tmp_path / "other" / "x").mkdir(parents=True)
-    _one_line_error(_cli("task-stats", bundle_dir, "--images", tmp_path / "other"), "no folder named after a task")
+    assert_one_line_error(run_cli("task-stats", bundle_dir, "--images", tmp_path / "other"), "no folder named after a task")
 
 
 @pytest.mark.parametrize("damaged", ["statistics", "prototypes"])
@@ -139,9 +137,9 @@ def test_a_corrupt_task_is_left_out_with_one_warning_and_the_others_answer(bundl
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     fix = "pah-edge task-stats" if damaged == "statistics" else "learn task 'b' again"
     assert len(warnings) == 1 and "task 'b'" in warnings[0] and fix in warnings[0]
-    result = _cli("predict", query, "--bundle", bundle_dir)
+    result = run_cli("predict", query, "--bundle", bundle_dir)
     assert result.exit_code == 0 and "Traceback" not in result.output
-    verified = _cli("verify", bundle_dir)  # lists every task's state; a task that cannot answer fails it
+    verified = run_cli("verify", bundle_dir)  # lists every task's state; a task that cannot answer fails it
     assert "task a: ok" in verified.stdout and "task c: ok" in verified.stdout
     if damaged == "statistics":
         assert verified.exit_code == 0 and "task b: task given only: " in verified.stdout
@@ -153,7 +151,7 @@ def test_a_corrupt_task_is_left_out_with_one_warning_and_the_others_answer(bundl
 def test_a_corrupt_shared_state_is_one_line_and_exit_1(bundle_dir, made):
     shared = bundle_dir / json.loads((bundle_dir / "task_free.json").read_text())["file"]
     shared.write_bytes(b"garbage")
-    _one_line_error(_cli("predict", made[1], "--bundle", bundle_dir), "does not match its SHA-256",
+    assert_one_line_error(run_cli("predict", made[1], "--bundle", bundle_dir), "does not match its SHA-256",
                     "pah-edge task-stats")
 
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import file_tree
 
 onnx = pytest.importorskip("onnx", reason="writing the test model needs onnx (pip install -e '.[train]')")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -39,15 +40,12 @@ def bundle(tmp_path):
     return root
 
 
-def _files(root):
-    return sorted(p.relative_to(root) for p in root.rglob("*"))
-
 
 def test_unknown_precision_lists_the_choices(bundle):
-    before = _files(bundle)
+    before = file_tree(bundle)
     with pytest.raises(TensorRTBuildError, match="unknown precision 'bf16': choose one of fp32, fp16, int8"):
         build_engines(bundle, precision="bf16")
-    assert _files(bundle) == before
+    assert file_tree(bundle) == before
 
 
 def test_int8_needs_a_calibrated_model_first(bundle):
@@ -70,13 +68,13 @@ def test_missing_backbone_and_bad_batches(tmp_path, bundle):
 
 @pytest.mark.skipif(TENSORRT_USABLE, reason="TensorRT is usable here")
 def test_without_tensorrt_one_line_error_and_nothing_written(bundle):
-    before = _files(bundle)
+    before = file_tree(bundle)
     with pytest.raises(RuntimeUnavailable) as info:
         build_engines(bundle, precision="fp16")
     message = str(info.value)
     assert "\n" not in message
     assert "tensorrt" in message.lower() or "gpu" in message.lower()
-    assert _files(bundle) == before
+    assert file_tree(bundle) == before
 
 
 @pytest.mark.needs_tensorrt
