@@ -44,7 +44,7 @@ from pah_edge.bundle import Bundle
 from pah_edge.calibration.calibrate import calibrate_bundle
 from pah_edge.calibration.evaluate import cosine, latency_ms
 from pah_edge.calibration.quantize import METHODS, TARGETS, QuantizeOptions
-from pah_edge.config import library_versions
+from pah_edge.machine import library_versions
 from pah_edge.data.benchmarks import load_benchmark
 from pah_edge.machine import machine_info
 from pah_edge.preprocess import Preprocess

@@ -52,9 +52,9 @@ from PIL import Image
 from pah_edge.atomic import atomic_write_json
 from pah_edge.machine import machine_info
 from pah_edge.bundle import Bundle
-from pah_edge.config import library_versions
+from pah_edge.machine import library_versions
 from pah_edge.data.benchmarks import load_benchmark
-from pah_edge.data.splits import class_rng
+from pah_edge.folders import class_rng
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner
 from pah_edge.device.images import BatchStream
 from pah_edge.device.learner import learn_task

@@ -25,7 +25,7 @@ from PIL import Image
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
-from pah_edge.config import library_versions
+from pah_edge.machine import library_versions
 from pah_edge.device.bench_inputs import BENCH_TASK, scratch_bundle, synthetic_images
 from pah_edge.device.predict import Predictor
 from pah_edge.machine import machine_info

@@ -23,7 +23,7 @@ import numpy as np
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
-from pah_edge.config import library_versions
+from pah_edge.machine import library_versions
 from pah_edge.device.bench_inputs import synthetic_images
 from pah_edge.device.bench_timing import alternating, wall_ms_call
 from pah_edge.device.runtimes import create_runner

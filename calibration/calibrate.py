@@ -27,7 +27,7 @@ from pah_edge.bundle import (CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_B
 from pah_edge.calibration.evaluate import (compare_tasks, eval_task_folders, layer_errors, paired_latency,
                                            size_mb)
 from pah_edge.calibration.quantize import QuantizeOptions, int8_onnx_from_fp32
-from pah_edge.config import library_versions
+from pah_edge.machine import library_versions
 from pah_edge.device.images import BatchStream, scan_class_folders
 from pah_edge.device.learner import LOCK_WAIT_S, learn_task
 from pah_edge.errors import ConfigError, PahEdgeError

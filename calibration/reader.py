@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from pah_edge.data.splits import class_rng
+from pah_edge.folders import class_rng
 from pah_edge.device.images import BatchStream, describe_skipped
 from pah_edge.device.predict import image_files
 from pah_edge.errors import DataError

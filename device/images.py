@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pah_edge.data.imagefolder import _files, _subfolders
+from pah_edge.folders import folder_files, subfolders
 from pah_edge.errors import DataError
 from pah_edge.preprocess import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Preprocess, frame_image, load_image, to_input
 
@@ -57,13 +57,13 @@ def scan_class_folders(folder: str | Path) -> ClassFolders:
         raise DataError(f"image folder {root} does not exist: pass a folder laid out as {_LAYOUT}")
     if not root.is_dir():
         raise DataError(f"{root} is a file, not a folder: pass a folder laid out as {_LAYOUT}")
-    classes = _subfolders(root)
+    classes = subfolders(root)
     if len(classes) < 2:
         found = f"1 class folder ({classes[0].name})" if classes else "no class folders"
         raise DataError(f"{root} has {found}; a task needs at least 2 class folders, laid out as {_LAYOUT}")
     files, ignored = [], 0
     for class_folder in classes:
-        images, others = _files(class_folder)
+        images, others = folder_files(class_folder)
         if not images:
             raise DataError(
                 f"no images found in {class_folder}: put {'/'.join(IMAGE_SUFFIXES)} files in it or remove the folder"

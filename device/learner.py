@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pah_edge.bundle import Bundle, BundleError, task_name_from, validate_task_name
-from pah_edge.data.splits import class_rng
+from pah_edge.folders import class_rng
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner, max_batch
 from pah_edge.device.images import (BatchStream, ClassFolders, FrameStream, check_no_class_empty, scan_class_folders,
                                     warn_ignored, warn_skipped)

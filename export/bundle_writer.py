@@ -21,7 +21,7 @@ from pah_edge.backbones import canonical_backbone_name
 from pah_edge.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME, Bundle, sha256_file,
                              task_name_from, utc_now)
 from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
-from pah_edge.config import RunConfig, library_versions
+from pah_edge.config import RunConfig
 from pah_edge.device.task_stats import install_task_free
 from pah_edge.errors import CheckpointError, ConfigError, DataError
 from pah_edge.export.graphs import LearnerStepGraph
@@ -29,6 +29,7 @@ from pah_edge.export.onnx_export import GRAPH_TOLERANCES, ExportError, OnnxGraph
 from pah_edge.export.task_free_data import STATS_PER_CLASS, run_task_features
 from pah_edge.export.parity_inputs import Inputs, backbone_inputs, learner_step_inputs, prototype_sets
 from pah_edge.hypernetwork import TaskMLPGenerator
+from pah_edge.machine import library_versions
 from pah_edge.metrics import summarize
 from pah_edge.model import PAHModel
 from pah_edge.preprocess import Preprocess

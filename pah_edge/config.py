@@ -6,8 +6,6 @@ The resolved configuration is saved as ``config.json`` next to every run, with l
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import platform
 from dataclasses import dataclass
 
 from pah_edge.errors import ConfigError
@@ -114,17 +112,6 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if m.hidden_dim is None:
         m = dataclasses.replace(m, hidden_dim=16 if m.generator == "task-mlp" else 256)
     return dataclasses.replace(cfg, model=m, train=t)
-
-
-def library_versions(*extra: str) -> dict[str, str]:
-    """Versions of the libraries that shape a run's numbers (plus ``extra`` distributions), when installed."""
-    versions = {"python": platform.python_version()}
-    for dist in ("pah-edge", "torch", "torchvision", "numpy", "onnx", "onnxruntime", *extra):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def auto_prototype_size(feature_dim: int, channels: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import resource
@@ -10,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pah_edge.config import library_versions
 
 
 def cpu_name() -> str:
@@ -79,3 +79,14 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def library_versions(*extra: str) -> dict[str, str]:
+    """Versions of the libraries that shape a run's numbers (plus ``extra`` distributions), when installed."""
+    versions = {"python": platform.python_version()}
+    for dist in ("pah-edge", "torch", "torchvision", "numpy", "onnx", "onnxruntime", *extra):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions

@@ -39,7 +39,8 @@ from torch.utils.data import TensorDataset
 from pah_edge.atomic import atomic_write_json
 from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
 from pah_edge.backbones import canonical_backbone_name
-from pah_edge.config import RunConfig, TrainConfig, library_versions, resolve
+from pah_edge.config import RunConfig, TrainConfig, resolve
+from pah_edge.machine import library_versions
 from pah_edge.data import ImageSet, Task, load_benchmark, load_image_folder
 from pah_edge.distributed import DistContext
 from pah_edge.errors import CheckpointError

@@ -21,7 +21,8 @@ from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle, BundleError, sha256_file
 from pah_edge.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pah_edge.cli import app
-from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, library_versions, resolve
+from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from pah_edge.machine import library_versions
 from pah_edge.export import bundle_writer
 from pah_edge.export.bundle_writer import export_bundle
 from pah_edge.export.onnx_export import GRAPH_TOLERANCES, ExportError, Tolerance

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pah_edge.data.splits import ClassSplit, check_options, class_rng, cut, make_task, shuffled, split_sizes
+from pah_edge.data.splits import ClassSplit, check_options, cut, make_task, shuffled, split_sizes
 from pah_edge.data.tasks import Task
 from pah_edge.errors import DataError
+from pah_edge.folders import class_rng, folder_files, subfolders
 from pah_edge.preprocess import IMAGE_SUFFIXES, Preprocess, load_image
 
 log = logging.getLogger("pah_edge")
@@ -46,36 +47,25 @@ def load_image_folder(
     ]
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) directly in `folder`, sorted."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-
-
 def _find_tasks(root: Path) -> list[tuple[str, Path]]:
     """(task name, task folder) pairs in the layout `root` uses."""
     if not root.exists():
         raise DataError(f"image folder {root} does not exist: pass a folder laid out as {_LAYOUTS}")
     if not root.is_dir():
         raise DataError(f"{root} is a file, not a folder: pass a folder laid out as {_LAYOUTS}")
-    subfolders = _subfolders(root)
-    if not subfolders:
+    children = subfolders(root)
+    if not children:
         raise DataError(f"image folder {root} has no subfolders: lay it out as {_LAYOUTS}")
-    has_images = {f: bool(_files(f)[0]) for f in subfolders}
-    class_like = [f for f in subfolders if has_images[f]]
-    task_like = [f for f in subfolders if not has_images[f] and _subfolders(f)]
+    has_images = {f: bool(folder_files(f)[0]) for f in children}
+    class_like = [f for f in children if has_images[f]]
+    task_like = [f for f in children if not has_images[f] and subfolders(f)]
     if class_like and task_like:
         raise DataError(
             f"{root} mixes class folders holding images ({class_like[0].name}) with task folders holding"
             f" class folders ({task_like[0].name}): use either {_LAYOUTS}"
         )
     if task_like:
-        return [(f.name, f) for f in subfolders]
+        return [(f.name, f) for f in children]
     return [(root.resolve().name, root)]
 
 
@@ -88,7 +78,7 @@ def _load_task(
     val_fraction: float,
     test_fraction: float,
 ) -> Task:
-    classes = _subfolders(folder)
+    classes = subfolders(folder)
     if len(classes) < 2:
         found = f"1 class ({classes[0].name})" if classes else "no class folders"
         raise DataError(f"task {name!r} has {found}; a task needs at least 2 class folders")
@@ -96,7 +86,7 @@ def _load_task(
     unreadable: list[Path] = []
     ignored = 0
     for class_folder in classes:
-        images, others = _files(class_folder)
+        images, others = folder_files(class_folder)
         ignored += len(others)
         if not images:
             raise DataError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,13 +28,6 @@ def check_options(*, seed: int, limit_per_class: int | None, val_fraction: float
     if val_fraction + test_fraction >= 1:
         total = val_fraction + test_fraction
         raise ConfigError(f"val_fraction + test_fraction must be below 1 to leave training images, got {total:g}")
-
-
-def class_rng(seed: int, *keys: str | int) -> np.random.Generator:
-    """Generator for one class: its split depends only on the seed and its own keys (names or labels),
-    so adding or renaming other classes or tasks leaves it unchanged."""
-    entropy = [int(k) if isinstance(k, numbers.Integral) else zlib.crc32(k.encode()) for k in keys]
-    return np.random.default_rng([int(seed), *entropy])
 
 
 def shuffled(items: Sequence | np.ndarray, rng: np.random.Generator, limit: int | None) -> np.ndarray:

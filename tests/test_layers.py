@@ -1,0 +1,54 @@
+"""The import contract: the device side (device/, calibration/ and the core they stand on) imports
+nothing from the workstation side (model, trainer, datasets, export's torch parts, torch itself).
+
+Read from the source (every import statement, nested ones included), so a lazy import inside a
+function breaks the contract as surely as one at the top. The no-torch test proves the same at run
+time for the commands it runs; this one covers every module, run or not.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORE = ("atomic", "blas_threads", "bundle", "errors", "folders", "machine", "plots", "preprocess", "progress",
+        "task_free")
+WORKSTATION = ("torch", "torchvision", "pah_edge.model", "pah_edge.trainer", "pah_edge.hypernetwork",
+               "pah_edge.backbones", "pah_edge.checkpoint", "pah_edge.config", "pah_edge.data", "pah_edge.distributed",
+               "pah_edge.demo", "pah_edge.metrics", "pah_edge.cli", "pah_edge.export", "export")
+# The optional PyTorch reference of `pah-edge bench --runtime torch`: reached only when torch and the
+# source checkpoint are there (next step: the export side registers it, and these two go).
+REFERENCE_HOOKS = {("device/bench.py", "pah_edge.export.verify"), ("device/runtimes/__init__.py", "pah_edge.export.torch_runner")}
+
+
+def device_side_modules() -> list[Path]:
+    return sorted([*(REPO / "device").rglob("*.py"), *(REPO / "calibration").rglob("*.py"),
+                   *(REPO / "pah_edge" / f"{name}.py" for name in CORE)])
+
+
+def workstation_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in ``path`` that reaches the workstation side."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module]
+        else:
+            continue
+        found += [(node.lineno, m) for m in modules if any(m == w or m.startswith(w + ".") for w in WORKSTATION)]
+    return found
+
+
+@pytest.mark.parametrize("path", device_side_modules(), ids=lambda p: str(p.relative_to(REPO)))
+def test_the_device_side_imports_nothing_from_the_workstation(path):
+    relative = str(path.relative_to(REPO))
+    offending = [(line, m) for line, m in workstation_imports(path) if (relative, m) not in REFERENCE_HOOKS]
+    assert not offending, f"{relative} imports workstation modules: {offending}"
+
+
+def test_the_contract_sees_a_nested_import(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from pah_edge.data.splits import cut\n    import torch\n")
+    assert workstation_imports(module) == [(2, "pah_edge.data.splits"), (3, "torch")]
