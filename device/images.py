@@ -153,4 +153,3 @@ def check_no_class_empty(folders: ClassFolders, labels: np.ndarray, skipped: lis
         raise DataError(f"class {folders.class_names[label]!r} has no readable image left: skipped "
                         f"{describe_skipped(lost)}, {_WHY}; add readable {'/'.join(IMAGE_SUFFIXES)} files to {folder} "
                         "or remove the folder")
-from pah_edge.data.splits import cut  # scratch: breaks the contract
