@@ -483,8 +483,9 @@ class Bundle:
 
     def _remove_orphans(self) -> None:
         referenced = {f for r in self.tasks() for f in (r.file, r.stats_file)}
-        for file in (self.path / "tasks").glob("*"):
-            orphan = file.suffix == ".npz" and f"tasks/{file.name}" not in referenced
+        # Interrupted atomic writes leave temporary files in the root too (calibrate, task-stats).
+        for file in [*(self.path / "tasks").glob("*"), *self.path.glob(".*.tmp")]:
+            orphan = file.parent.name == "tasks" and file.suffix == ".npz" and f"tasks/{file.name}" not in referenced
             if orphan or (file.name.startswith(".") and file.name.endswith(".tmp")):
                 self._unlink_quietly(file)
                 log.info("removed %s, left by an interrupted write", file)
