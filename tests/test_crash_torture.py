@@ -2,6 +2,7 @@
 kill must leave a bundle that verifies, with no task lost and no temporary file after the next lock."""
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,8 +46,6 @@ def test_twenty_kills_of_the_cli_leave_a_bundle_that_verifies(fixture):
 
 def test_the_next_lock_holder_deletes_what_interrupted_writes_left_anywhere_in_the_bundle(fixture, tmp_path):
     # What SIGKILL leaves in the middle of atomic writes: calibrate's in the bundle's root, a task's in tasks/.
-    import shutil
-
     bundle_dir = shutil.copytree(fixture.bundle, tmp_path / "bundle")
     tasks = Bundle.open(bundle_dir).tasks()
     left = [bundle_dir / ".backbone.int8.onnx.k1l2ed.tmp", bundle_dir / ".calibration.json.abc.tmp",
