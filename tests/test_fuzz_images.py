@@ -169,20 +169,30 @@ def _plant(folder, cases):
     return len(cases), sum(_unreadable(folder / f"fuzz{i}.{suffix}") for i, (suffix, _) in enumerate(cases))
 
 
+def _logged(caplog, call):
+    """``call()``'s result and the warnings it logged about unreadable images."""
+    with caplog.at_level(logging.WARNING, "pah_edge"):
+        caplog.clear()
+        result = call()
+    return result, [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+
+
+def _fuzzed_classes(root, digits, cases):
+    """Digits 0 and 5, 8 of each, with ``cases`` planted among the 0s; (folder, files planted, unreadable)."""
+    folder = write_image_folder(root, digits, {"t": [0, 5]}, per_class=8) / "t"
+    return (folder, *_plant(folder / "digit0", cases))
+
+
 @settings(max_examples=6, **FAST)
 @given(cases=st.lists(mangled(), min_size=1, max_size=6))
 def test_learn_task_skips_and_counts_every_unreadable_file(made, tmp_path_factory, caplog, cases):
-    bundle_src, digits = made
     root = tmp_path_factory.mktemp("learn")
-    folder = write_image_folder(root, digits, {"t": [1, 7]}, per_class=6) / "t"
-    planted, unreadable = _plant(folder / "digit1", cases)
-    bundle = Bundle.open(shutil.copytree(bundle_src, root / "bundle"))
-    with caplog.at_level(logging.WARNING, "pah_edge"):
-        caplog.clear()
-        report = learn_task(bundle, folder, runtime="onnxruntime-cpu", progress=False, max_steps=5)
+    folder, planted, unreadable = _fuzzed_classes(root, made[1], cases)
+    bundle = Bundle.open(shutil.copytree(made[0], root / "bundle"))
+    report, warned = _logged(caplog, lambda: learn_task(bundle, folder, runtime="onnxruntime-cpu", progress=False,
+                                                        max_steps=5))
     assert report["skipped"] == unreadable
-    assert report["images"]["train"] + report["images"]["val"] == 12 + planted - unreadable
-    warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert report["images"]["train"] + report["images"]["val"] == 16 + planted - unreadable
     assert warned[0].startswith(f"skipped {unreadable} unreadable"), warned
 
 
@@ -193,12 +203,9 @@ def test_predict_skips_and_counts_every_unreadable_file(made, tmp_path_factory, 
     folder = tmp_path_factory.mktemp("predict")
     Image.fromarray(digits[0][0]).save(folder / "good.png")
     planted, unreadable = _plant(folder, cases)
-    with caplog.at_level(logging.WARNING, "pah_edge"), \
-            Predictor(Bundle.open(bundle_src), runtime="onnxruntime-cpu") as predictor:
-        caplog.clear()
-        results = predictor.predict([folder])
+    with Predictor(Bundle.open(bundle_src), runtime="onnxruntime-cpu") as predictor:
+        results, warned = _logged(caplog, lambda: predictor.predict([folder]))
     assert len(results) == 1 + planted - unreadable
-    warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert re.match(rf"skipped {unreadable} unreadable image\(s\) .* of {1 + planted}:", warned[0]), warned
 
 
@@ -218,16 +225,12 @@ def test_the_cli_predict_is_one_line_when_nothing_is_readable_and_never_a_traceb
 @settings(max_examples=3, **FAST)
 @given(cases=st.lists(mangled(), min_size=2, max_size=6))
 def test_calibrate_skips_and_counts_unreadable_images(made, tmp_path_factory, caplog, cases):
-    bundle_src, digits = made
     root = tmp_path_factory.mktemp("calibrate")
-    images = write_image_folder(root, digits, {"c": [0, 5]}, per_class=8) / "c"
-    planted, unreadable = _plant(images / "digit0", cases)
+    images, planted, unreadable = _fuzzed_classes(root, made[1], cases)
     readable = 16 + planted - unreadable  # as many samples: calibration must read every file
-    bundle_dir = shutil.copytree(bundle_src, root / "bundle")
-    with caplog.at_level(logging.WARNING, "pah_edge"):
-        caplog.clear()
-        record = calibrate_bundle(bundle_dir, images, options=QuantizeOptions(target="onnxruntime"),
-                                  samples=readable, latency_runs=1, progress=False)
+    bundle_dir = shutil.copytree(made[0], root / "bundle")
+    record, warned = _logged(caplog, lambda: calibrate_bundle(
+        bundle_dir, images, options=QuantizeOptions(target="onnxruntime"), samples=readable, latency_runs=1,
+        progress=False))
     assert record["passed"] and record["options"]["samples"] == readable
-    warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert warned[0].startswith(f"skipped {unreadable} unreadable"), warned
