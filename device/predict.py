@@ -83,8 +83,7 @@ class Predictor:
         self._int8: Runner | None = None  # precision auto: started for the first task learned on INT8
         self._warned: set[tuple[str, str]] = set()  # (task, warning) already given
         self.generator = generator_runner(bundle)
-        self.heads: dict[str, np.ndarray] = {}  # task name -> head float32 [C, D]
-        self._head_sources: dict[str, str] = {}  # task name -> SHA-256 of the prototypes it came from
+        self._heads: dict[str, tuple[TaskRecord, np.ndarray]] = {}  # task name -> (entry, head [C, D])
         self._rule: _CachedRule | None = None
 
     def __enter__(self) -> Predictor:
@@ -142,12 +141,17 @@ class Predictor:
 
     def head(self, record: TaskRecord) -> np.ndarray:
         """The task's head float32 [C, D], generated from its prototypes on first use."""
-        # A task re-learned under the same name has new prototypes: regenerate, never serve a stale head.
-        if self._head_sources.get(record.name) != record.sha256:
-            prototypes = self.bundle.load_prototypes(record.name)
-            self.heads[record.name] = self.generator.infer({"prototypes": prototypes})["head"].astype(np.float32)
-            self._head_sources[record.name] = record.sha256
-        return self.heads[record.name]
+        return self.task_head(record.name)[1]
+
+    def task_head(self, name: str) -> tuple[TaskRecord, np.ndarray]:
+        """(the task's registry entry, its head float32 [C, D]) as of now: a task re-learned under the
+        same name, here or by another process, gets its new head and its new class names together."""
+        cached = self._heads.get(name)
+        if cached is None or cached[0] != self.bundle.task(name):
+            record, prototypes = self.bundle.load_task(name)
+            cached = self._heads[name] = (record, self.generator.infer({"prototypes": prototypes})["head"]
+                                          .astype(np.float32))
+        return cached
 
     def rule(self, *, warn: bool = True) -> TaskFreeRule | None:
         """The task-free rule over every task with readable statistics; None for a bundle without the
@@ -249,8 +253,7 @@ class Predictor:
             rule.shared.threshold if rule is not None else None)
         if task is None:
             return lambda feats: _task_free(feats, rule, threshold)
-        record = self.bundle.task(task)
-        head = self.head(record)
+        record, head = self.task_head(task)
         return lambda feats: _task_given(feats, record, head, rule, threshold)
 
 

@@ -306,19 +306,25 @@ class Bundle:
         raise BundleError(f"no task {name!r} in {self.path}; registered tasks: {known}")
 
     def load_prototypes(self, name: str) -> np.ndarray:
-        """The task's prototypes, float32 [C, c, s, s], after checking the file's SHA-256.
+        """The task's prototypes, float32 [C, c, s, s], after checking the file's SHA-256 (see `load_task`)."""
+        return self.load_task(name)[1]
+
+    def load_task(self, name: str) -> tuple[TaskRecord, np.ndarray]:
+        """(the task's registry entry, its prototypes float32 [C, c, s, s]), the file checked against
+        that entry's SHA-256: the two always belong together.
 
         A task removed, renamed or replaced by another process while its file is read is looked up
-        again: the new prototypes, or BundleError "no task" (never a false report of corruption).
+        again: the new entry and prototypes, or BundleError "no task" (never a false report of corruption).
         """
         for _ in range(3):
             record = self.task(name)
             try:
-                return self._load_prototypes(record)
+                return record, self._load_prototypes(record)
             except BundleError:
                 if self.task(name) == record:  # still registered as read: the file itself is missing or corrupt
                     raise
-        return self._load_prototypes(self.task(name))
+        record = self.task(name)
+        return record, self._load_prototypes(record)
 
     def _load_prototypes(self, record: TaskRecord) -> np.ndarray:
         name = record.name

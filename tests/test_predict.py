@@ -84,8 +84,20 @@ def test_labels_and_confidences_match_the_graphs_by_hand(bundle_dir, query):
             names = bundle.task(task).class_names
             assert [p["label"] for p in predictions] == [names[i] for i in probs.argmax(1)]
             np.testing.assert_allclose([p["confidence"] for p in predictions], probs.max(1), rtol=1e-5, atol=1e-6)
-        assert set(predictor.heads) == {"a", "b", "c"}
-        assert predictor.heads["c"].shape == (4, bundle.feature_dim) and predictor.heads["c"].dtype == np.float32
+        record, head = predictor.task_head("c")  # generated once, with the entry it belongs to
+        assert record == bundle.task("c") and head.shape == (4, bundle.feature_dim) and head.dtype == np.float32
+        assert predictor.task_head("c")[1] is head
+
+
+def test_a_task_replaced_meanwhile_answers_with_its_new_head_and_class_names(bundle_dir, made):
+    files = [made[1] / f for f in QUERY_FILES]
+    with Predictor(Bundle.open(bundle_dir), runtime="onnxruntime-cpu") as predictor:
+        assert {p["label"] for p in predictor.predict(files, task="c")} <= {f"digit{d}" for d in (6, 7, 8, 9)}
+        other = Bundle.open(bundle_dir)  # another process re-learns "c" with 3 classes
+        other.add_task(name="c", class_names=["x", "y", "z"], prototypes=other.load_prototypes("a"), images_seen=0,
+                       accuracy=None, source="device", replace=True)
+        after = predictor.predict(files, task="c")
+    assert len(after) == len(files) and {p["label"] for p in after} <= {"x", "y", "z"}
 
 
 
