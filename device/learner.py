@@ -31,7 +31,7 @@ from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_pro
 from pah_edge.device.prototype_init import LinearHeads, class_mean_head, initial_prototypes, thumbnails
 from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.errors import ConfigError, DataError, FrameError
-from pah_edge.machine import peak_rss_mb
+from pah_edge.machine import current_rss_mb, peak_rss_mb
 from pah_edge.preprocess import Preprocess, check_frame
 from pah_edge.progress import progress_bar
 from pah_edge.task_free import task_stats
@@ -39,25 +39,38 @@ from pah_edge.task_free import task_stats
 log = logging.getLogger("pah_edge")
 
 MAX_BATCH = 64
-# Bytes per image in flight: float32 input x ~20 for the backbone's activations; a rough bound that
-# keeps a 4 GB Jetson clear of swapping, not a measurement.
-ACTIVATION_FACTOR = 20
-BUDGET_SHARE = 0.25  # of --budget-mb given to one batch; the rest covers runtime, cache and Python
+# Bytes per image of a batch: its float32 input x this, for the runtime's activations and arena
+# (fitted on EfficientNet-Lite0 at 224 px with 10 % to spare; docs/benchmarks.md, "learn-task's budget").
+ACTIVATION_FACTOR = 36
+STATS_COPIES = 3  # D x D float64 arrays alive at once while the task-free statistics are computed
+SLACK_MB = 32  # decoded images, the fit's arrays, Python's own growth
+UNBOUNDED_BATCH_MB = 75  # a batch's share without a budget (6 images at 224 px)
 # Generators whose head is linear in the prototypes: they start from the class-mean classifier.
 LINEAR_GENERATORS = ("classwise-linear",)
 LOCK_WAIT_S = 600.0
 
 
-def batch_size_for(budget_mb: float, image_size: int) -> int:
-    """Images per backbone batch within ``budget_mb`` MB: 1 to 64; ConfigError if not even 1 fits."""
+def batch_size_for(budget_mb: float | None, image_size: int, *, in_use_mb: float = 0.0, images: int = 0,
+                   feature_dim: int = 0) -> int:
+    """Images per backbone batch that keep the process's peak RSS within ``budget_mb`` MB: what it
+    already holds (``in_use_mb``: Python, the runtimes and their models), the features of ``images``
+    images and the statistics' D x D work, then each image's input and activations. 1 to 64;
+    ConfigError naming the minimum when not even one image fits. None (an application's own process,
+    whose memory is not learn-task's to bound): batches of about ``UNBOUNDED_BATCH_MB``.
+    """
+    per_image = 4 * 3 * image_size * image_size * ACTIVATION_FACTOR / 2**20
+    if budget_mb is None:
+        return min(max(int(UNBOUNDED_BATCH_MB / per_image), 1), MAX_BATCH)
     if not 0 < budget_mb < float("inf"):
         raise ConfigError(f"--budget-mb is a positive number of MB, got {budget_mb!r}")
-    per_image = 4 * 3 * image_size * image_size * ACTIVATION_FACTOR
-    batch = int(BUDGET_SHARE * budget_mb * 2**20 / per_image)
+    reserve = (4 * images * feature_dim + STATS_COPIES * 8 * feature_dim ** 2) / 2**20 + SLACK_MB
+    batch = int((budget_mb - in_use_mb - reserve) / per_image)
     if batch < 1:
-        minimum = per_image / (BUDGET_SHARE * 2**20)
-        raise ConfigError(f"--budget-mb {budget_mb:g} is too small for {image_size} px images: "
-                          f"pass --budget-mb {np.ceil(minimum):.0f} or more")
+        minimum = np.ceil(in_use_mb + reserve + per_image)
+        raise ConfigError(f"--budget-mb {budget_mb:g} is below what learning {images} images at {image_size} px "
+                          f"needs here: pass --budget-mb {minimum:.0f} or more ({in_use_mb:.0f} MB for Python, the "
+                          f"runtime and its models, {reserve:.0f} MB for features and statistics, {per_image:.0f} MB "
+                          "per image of a batch)")
     return min(batch, MAX_BATCH)
 
 
@@ -198,7 +211,7 @@ def learn_task_arrays(bundle: Bundle, images: Sequence[np.ndarray], labels: Sequ
     return learn(bundle, lambda: NewTask.from_arrays(images, labels, bgr=bgr), name=name, **options)
 
 
-def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None = None, budget_mb: float = 300,
+def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None = None, budget_mb: float | None = None,
           runtime: str = "auto", precision: str = "fp32", replace: bool = False, val_fraction: float = 0.2,
           max_steps: int = 200, lr: float = 0.5, weight: float = 0.01, patience: int = 25, seed: int = 0,
           progress: bool = True, lock_wait_s: float | None = LOCK_WAIT_S, backbone: Runner | None = None) -> dict:
@@ -208,7 +221,8 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
     ``new_task()`` (scanning the folder, checking the frames). The bundle's lock is
     held from the name check to the registration (another learn-task waits up to ``lock_wait_s``
     s), and nothing is written before the final registration, so an interrupted run leaves the
-    bundle as it was. ``budget_mb`` (MB) bounds the backbone batch. ``precision`` int8 computes the
+    bundle as it was. ``budget_mb``: the process's peak RSS in MB, which sizes the backbone batch
+    (None: no bound, for an application's own process; see `batch_size_for`). ``precision`` int8 computes the
     features with the calibrated INT8 backbone (`pah-edge calibrate`); the task records it, and
     prediction uses that backbone for it by default.
     ``backbone``: an active backbone runner to use instead of starting one (``runtime`` and
@@ -227,7 +241,7 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
     task = new_task()
     name = validate_task_name(name) if name is not None else task.default_name
     _check_class_count(bundle, task)
-    batch = batch_size_for(budget_mb, bundle.preprocess.image_size)
+    batch_size_for(budget_mb, bundle.preprocess.image_size)  # a malformed budget fails before any model loads
     with ExitStack() as stack:
         # Runners are activated before the lock: a missing engine or runtime fails with the bundle untouched.
         if backbone is None:
@@ -236,6 +250,9 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
         # The step graph is tiny: one thread beats a pool's hand-offs.
         objective = PrototypeObjective(
             stack.enter_context(create_runner("onnxruntime-cpu", bundle.graph_path("learner_step"), threads=1)))
+        # Measured once the models are loaded: the budget is the process's peak RSS, all of it.
+        batch = batch_size_for(budget_mb, bundle.preprocess.image_size, in_use_mb=current_rss_mb(),
+                               images=len(task.labels), feature_dim=bundle.feature_dim)
         batch = min(batch, max_batch(backbone) or batch)
         stack.enter_context(bundle.lock(lock_wait_s))
         if not replace and any(t.name == name for t in bundle.tasks()):

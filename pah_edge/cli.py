@@ -120,7 +120,7 @@ def learn_task(
     folder: Path = typer.Argument(..., help="The new task's images: FOLDER/<class>/*.png|jpg|jpeg|bmp, 2 classes or more."),
     bundle: Path = typer.Option(Path("bundle"), help="Bundle directory written by `pah-edge export`."),
     name: Optional[str] = typer.Option(None, help="Task name (default: the folder's name)."),
-    budget_mb: float = typer.Option(300, help="Memory budget in MB; sets the backbone batch size."),
+    budget_mb: float = typer.Option(300, help="Peak memory of this process in MB (Python, runtime, models, features, batches); sizes the backbone batch, and a budget below the minimum is refused naming it."),
     runtime: str = typer.Option("auto", help="auto (TensorRT engine if built, else ONNX Runtime), tensorrt, onnxruntime."),
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a task of the same name."),

@@ -68,6 +68,15 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
+def current_rss_mb() -> float:
+    """This process's resident memory now, MB (MiB); the peak where the OS does not say (not Linux)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return peak_rss_mb()
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def reset_peak_rss() -> bool:
     """Reset the peak that :func:`peak_rss_mb` reads to the current RSS; False where the OS cannot.
 

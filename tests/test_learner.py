@@ -281,10 +281,18 @@ def test_split_is_per_class_deterministic_and_keeps_a_train_image():
     assert len(split_train_val(labels, "xyz", 0.0, seed=0)[1]) == 0
 
 
-def test_batch_size_follows_the_budget():
-    assert batch_size_for(300, 28) == 64 and batch_size_for(300, 224) == 6 and batch_size_for(46, 224) == 1
-    with pytest.raises(ConfigError, match="pass --budget-mb 46 or more"):
-        batch_size_for(45, 224)
+def test_batch_size_follows_the_budget_after_what_the_process_holds():
+    # 1,000 images at 224 px, D = 1280: 74 MB reserved (features, statistics, slack), 21 MB per image.
+    sizing = {"images": 1000, "feature_dim": 1280}
+    assert batch_size_for(300, 224, in_use_mb=150, **sizing) == 3
+    assert batch_size_for(500, 224, in_use_mb=150, **sizing) == 13
+    assert batch_size_for(300, 28, in_use_mb=150, **sizing) == 64
+    assert batch_size_for(246, 224, in_use_mb=150, **sizing) == 1
+    with pytest.raises(ConfigError, match=r"pass --budget-mb 246 or more \(150 MB for Python"):
+        batch_size_for(200, 224, in_use_mb=150, **sizing)
+    with pytest.raises(ConfigError, match="positive number"):
+        batch_size_for(0, 224)
+    assert batch_size_for(None, 224) == 3 and batch_size_for(None, 28) == 64  # no budget: a batch of ~75 MB
 
 
 # --- the lock ------------------------------------------------------------------------------------------
@@ -375,7 +383,7 @@ BAD_INPUT = {  # case: (make the folder, change the bundle, words of the error l
     "newer bundle format": (_two_classes, _bump_format, ["bundle format 2 is newer", "upgrade pah-edge"]),
     "task-mlp class count": (_two_classes, _task_mlp_of_3, ["exactly 3 classes", "has 2"]),
     "tensorrt absent": (_with("--runtime", "tensorrt"), _foreign_engine, ["TensorRT is not installed"]),
-    "budget too small": (_with("--budget-mb", "0.01"), None, ["--budget-mb 0.01 is too small"]),
+    "budget too small": (_with("--budget-mb", "0.01"), None, ["--budget-mb 0.01 is below what learning", "or more"]),
     "unknown runtime": (_with("--runtime", "torch"), None, ["unknown runtime 'torch'"]),
 }
 
