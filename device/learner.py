@@ -40,9 +40,10 @@ log = logging.getLogger("pah_edge")
 
 MAX_BATCH = 64
 # Bytes per image of a batch: its float32 input x this, for the runtime's activations and arena
-# (fitted on EfficientNet-Lite0 at 224 px with 10 % to spare; docs/benchmarks.md, "learn-task's budget").
+# (fitted on EfficientNet-Lite0 at 224 px: the arena grows faster than the batch, 12 to 19 MB per image;
+# docs/benchmarks.md, "learn-task's budget").
 ACTIVATION_FACTOR = 36
-STATS_COPIES = 3  # D x D float64 arrays alive at once while the task-free statistics are computed
+STATS_COPIES = 3  # min(N, D)^2 float64 arrays alive at once while the task-free statistics are computed
 SLACK_MB = 32  # decoded images, the fit's arrays, Python's own growth
 UNBOUNDED_BATCH_MB = 75  # a batch's share without a budget (6 images at 224 px)
 # Generators whose head is linear in the prototypes: they start from the class-mean classifier.
@@ -63,7 +64,9 @@ def batch_size_for(budget_mb: float | None, image_size: int, *, in_use_mb: float
         return min(max(int(UNBOUNDED_BATCH_MB / per_image), 1), MAX_BATCH)
     if not 0 < budget_mb < float("inf"):
         raise ConfigError(f"--budget-mb is a positive number of MB, got {budget_mb!r}")
-    reserve = (4 * images * feature_dim + STATS_COPIES * 8 * feature_dim ** 2) / 2**20 + SLACK_MB
+    # Features (float32), then the statistics: residuals (float64) and min(N, D)^2 float64 arrays.
+    stats = 8 * images * feature_dim + STATS_COPIES * 8 * min(images, feature_dim) ** 2
+    reserve = (4 * images * feature_dim + stats) / 2**20 + SLACK_MB
     batch = int((budget_mb - in_use_mb - reserve) / per_image)
     if batch < 1:
         minimum = np.ceil(in_use_mb + reserve + per_image)

@@ -57,6 +57,19 @@ def test_the_rule_does_not_depend_on_the_order_tasks_were_learned_in():
     np.testing.assert_allclose(permuted_novelty, novelty, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("images", [30, 200])  # fewer images than dimensions (the Gram route), and more
+def test_task_statistics_keep_the_scatters_top_directions_and_the_rest_as_a_residual(images):
+    from pah_edge.task_free import class_means, transform, within_scatter
+
+    features, labels = np.random.default_rng(3).random((images, 64)), np.arange(images) % 5
+    stats = task_stats(features, labels, 5)
+    z = transform(features)
+    values, vectors = np.linalg.eigh(within_scatter(z, labels, class_means(z, labels, 5)[0]))
+    top = vectors[:, -5:] * np.sqrt(values[-5:])
+    np.testing.assert_allclose(stats.factor.T @ stats.factor, top @ top.T, atol=1e-9)
+    assert stats.residual == pytest.approx(values[:-5].clip(0).sum() / 64, rel=1e-6)
+
+
 def test_task_statistics_cost_at_most_c_times_d_floats():
     features, labels = np.random.default_rng(1).random((50, 64)), np.repeat(np.arange(5), 10)
     stats = task_stats(features, labels, 5)
