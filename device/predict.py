@@ -81,6 +81,7 @@ class Predictor:
         self.bundle, self.runtime, self.precision = bundle, runtime, precision
         self.backbone = backbone_runner(bundle, runtime, "fp32" if precision == "auto" else precision)
         self._int8: Runner | None = None  # precision auto: started for the first task learned on INT8
+        self._int8_sha256: str | None = None
         self._warned: set[tuple[str, str]] = set()  # (task, warning) already given
         self.generator = generator_runner(bundle)
         self._heads: dict[str, tuple[TaskRecord, np.ndarray]] = {}  # task name -> (entry, head [C, D])
@@ -119,7 +120,7 @@ class Predictor:
                 self._warn_once(record.name, f"task {record.name!r} was learned on the {learned[record.name]} "
                                 f"backbone and is predicted on {used} features: expect lower accuracy "
                                 f"({PRECISION_RISK}); {fix}")
-            elif used == "int8" and record.backbone_sha256 not in (None, self.bundle.backbone_sha256("int8")):
+            elif used == "int8" and record.backbone_sha256 not in (None, self._int8_sha()):
                 self._warn_once(record.name, f"task {record.name!r} was learned on an INT8 model that `pah-edge "
                                 "calibrate` has since replaced: expect lower accuracy; learn it again")
         return runner
@@ -133,6 +134,13 @@ class Predictor:
                 log.debug("no INT8 backbone: %s", exc)
                 return self.backbone
         return self._int8
+
+    def _int8_sha(self) -> str | None:
+        """SHA-256 of the INT8 model, hashed once: the file stays what the runner loaded (a new
+        calibration installs a new file, which this Predictor does not run)."""
+        if self._int8_sha256 is None:
+            self._int8_sha256 = self.bundle.backbone_sha256("int8")
+        return self._int8_sha256
 
     def _warn_once(self, task: str, message: str) -> None:
         if (task, message) not in self._warned:
