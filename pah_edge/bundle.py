@@ -327,18 +327,10 @@ class Bundle:
         return record, self._load_prototypes(record)
 
     def _load_prototypes(self, record: TaskRecord) -> np.ndarray:
-        name = record.name
-        file = self._task_file(record)
-        try:
-            data = file.read_bytes()  # read once: another process may delete the file between two reads
-        except OSError:
-            raise BundleError(f"{record.file} of task {name!r} is missing; learn the task again or re-export the "
-                              "bundle") from None
-        if hashlib.sha256(data).hexdigest() != record.sha256:
-            raise BundleError(f"{record.file} does not match its SHA-256 in {REGISTRY_PATH} (changed or corrupt); "
-                              f"learn task {name!r} again or re-export the bundle")
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            prototypes = np.asarray(npz[PROTOTYPES_KEY], dtype=np.float32)
+        arrays = _load_checked_npz(self._task_file(record), record.sha256,
+                                   f"learn task {record.name!r} again or re-export the bundle",
+                                   shown=record.file, recorded_in=REGISTRY_PATH)
+        prototypes = np.asarray(arrays[PROTOTYPES_KEY], dtype=np.float32)
         self._check_prototypes(prototypes, len(record.class_names))
         return prototypes
 
@@ -533,14 +525,18 @@ class Bundle:
                           {"format_version": REGISTRY_FORMAT_VERSION, "tasks": [r.to_dict() for r in records]})
 
 
-def _load_checked_npz(file: Path, sha256: str | None, fix: str) -> dict[str, np.ndarray]:
-    """The arrays of ``file`` after checking its SHA-256; BundleError (naming ``fix``) if missing or corrupt."""
+def _load_checked_npz(file: Path, sha256: str | None, fix: str, *, shown: str | None = None,
+                      recorded_in: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of ``file`` after checking its SHA-256 (recorded in ``recorded_in``); BundleError
+    naming ``shown`` (default: the file's name) and ``fix`` if it is missing or corrupt."""
+    shown = shown or file.name
     try:
-        data = file.read_bytes()  # no is_file() first: another process may delete the file in between
+        data = file.read_bytes()  # read once: another process may delete the file between two reads
     except OSError:
-        raise BundleError(f"{file.name} is missing from {file.parent}; {fix}") from None
+        raise BundleError(f"{shown} is missing from {file.parent}; {fix}") from None
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise BundleError(f"{file.name} does not match its SHA-256 (changed or corrupt); {fix}")
+        where = f" in {recorded_in}" if recorded_in else ""
+        raise BundleError(f"{shown} does not match its SHA-256{where} (changed or corrupt); {fix}")
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return {key: npz[key] for key in npz.files}
 
