@@ -106,24 +106,25 @@ def class_means(z: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np.nda
     return sums / np.maximum(counts, 1)[:, None], counts
 
 
+def class_residuals(z: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Each image's transformed features minus its class mean, [N, D] float64."""
+    return np.asarray(z, np.float64) - means[labels]
+
+
 def within_scatter(z: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:
     """Sum over images of (z - its class mean)(z - its class mean)^T, [D, D] float64."""
-    residuals = np.asarray(z, np.float64) - means[labels]
+    residuals = class_residuals(z, labels, means)
     return residuals.T @ residuals
 
 
-def task_stats(features: np.ndarray, labels: np.ndarray, classes: int, *, with_scatter: bool = True) -> TaskStats:
-    """A task's statistics from its raw backbone features [N, D] and labels [N] in [0, C).
-
-    ``with_scatter`` (device tasks) keeps a rank-C factor of the within-class scatter; workstation
-    tasks' scatter is pooled into the shared state instead. Independent of the shared state.
+def task_stats(features: np.ndarray, labels: np.ndarray, classes: int) -> TaskStats:
+    """A device task's statistics from its raw backbone features [N, D] and labels [N] in [0, C):
+    class means and a rank-C factor of the within-class scatter. Independent of the shared state.
     """
     z = transform(features)
     means, counts = class_means(z, labels, classes)
     dim = z.shape[1]
-    if not with_scatter:
-        return TaskStats(means, counts, np.zeros((0, dim)), 0.0)
-    residuals = np.asarray(z, np.float64) - means[labels]  # [N, D]; the scatter is residuals.T @ residuals
+    residuals = class_residuals(z, labels, means)  # the scatter is residuals.T @ residuals
     keep = min(classes, dim)
     if len(residuals) < dim:
         # Fewer images than dimensions (a device task): the scatter's top directions from the N x N Gram
@@ -177,9 +178,13 @@ def workstation_stats(train_sets: list[tuple[np.ndarray, np.ndarray, int]]) -> t
     The centring mean is the mean transformed feature over every image; the scatter is pooled over
     every class of every task. The threshold is set afterwards (``with_threshold``).
     """
-    mean = np.concatenate([transform(f) for f, _, _ in train_sets]).mean(axis=0)
-    tasks = [task_stats(f, y, c, with_scatter=False) for f, y, c in train_sets]
-    scatter = sum(within_scatter(transform(f), y, s.means) for (f, y, _), s in zip(train_sets, tasks))
+    transformed = [(transform(f), y, c) for f, y, c in train_sets]  # once per task, not once per use
+    mean = np.concatenate([z for z, _, _ in transformed]).mean(axis=0)
+    tasks, scatter = [], 0.0
+    for z, y, c in transformed:
+        means, counts = class_means(z, y, c)
+        tasks.append(TaskStats(means, counts, np.zeros((0, z.shape[1])), 0.0))  # its scatter goes to the shared state
+        scatter = scatter + within_scatter(z, y, means)
     return SharedStats(mean, scatter, sum(len(y) for _, y, _ in train_sets)), tasks
 
 
