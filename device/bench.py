@@ -111,7 +111,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None, *, jso
     if json_path is not None:
         atomic_write_json(json_path, report)
     if plot_path is not None:
-        from pah_edge.plots import plot_latency_vs_batch
+        from pah_edge.device.bench_plot import plot_latency_vs_batch  # needs matplotlib
 
         plot_latency_vs_batch(rows, plot_path)
     return report

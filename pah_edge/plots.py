@@ -1,18 +1,12 @@
-"""PNG figures: a run's accuracy matrix and learned prototypes; `pah-edge bench` latencies."""
+"""PNG figures of a training run: its accuracy matrix and learned prototypes."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless: runs on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
-
-from pah_edge.atomic import atomic_write_bytes  # noqa: E402
+from pah_edge.figures import plt, save_png
 
 
 def plot_accuracy_matrix(acc: list[list[float]], task_names: list[str], path: Path) -> None:
@@ -32,7 +26,7 @@ def plot_accuracy_matrix(acc: list[list[float]], task_names: list[str], path: Pa
     ax.set_xlabel("tested on")
     ax.set_title("test accuracy (%)")
     fig.colorbar(image, ax=ax, fraction=0.046)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_prototypes(prototypes: list[np.ndarray], task_names: list[str], class_names: list[list[str]],
@@ -53,39 +47,4 @@ def plot_prototypes(prototypes: list[np.ndarray], task_names: list[str], class_n
         axes[i, 0].text(-0.3, 0.5, task_names[i], transform=axes[i, 0].transAxes, ha="right", va="center",
                         fontsize=8)
     fig.suptitle("learned prototypes")
-    _save(fig, path)
-
-
-def plot_latency_vs_batch(rows: list[dict], path: Path) -> None:
-    """Median latency (ms, line) and p50..p99 (band) against batch, one line per runtime and precision,
-    one panel per component timed at several batches (backbone, learner step); rows as `pah-edge bench`
-    reports them."""
-    components = [c for c in ("backbone", "learner-step") if any(r["component"] == c for r in rows)]
-    fig, axes = plt.subplots(1, max(len(components), 1), figsize=(5.0 * max(len(components), 1), 3.8), squeeze=False)
-    for ax, component in zip(axes[0], components):
-        series: dict[str, list[dict]] = {}
-        for r in rows:
-            if r["component"] == component:
-                series.setdefault(f"{r['runtime']} {r['precision']}", []).append(r)
-        for label, points in series.items():
-            points.sort(key=lambda r: r["batch"])
-            batches = [r["batch"] for r in points]
-            ax.plot(batches, [r["p50_ms"] for r in points], marker="o", label=label)
-            ax.fill_between(batches, [r["p50_ms"] for r in points], [r["p99_ms"] for r in points], alpha=0.2)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(sorted({r["batch"] for r in rows if r["component"] == component}))
-        ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 8, 32 rather than 2^0, 2^3, 2^5
-        ax.set_xlabel("batch")
-        ax.set_ylabel("latency (ms), p50 line, p50-p99 band")
-        ax.set_title(component)
-        ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)

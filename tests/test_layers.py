@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORE = ("atomic", "blas_threads", "bundle", "errors", "folders", "machine", "plots", "preprocess", "progress",
+CORE = ("atomic", "blas_threads", "bundle", "errors", "figures", "folders", "machine", "preprocess", "progress",
         "task_free")
 WORKSTATION = ("torch", "torchvision", "pah_edge.model", "pah_edge.trainer", "pah_edge.hypernetwork",
                "pah_edge.backbones", "pah_edge.checkpoint", "pah_edge.config", "pah_edge.data", "pah_edge.distributed",
-               "pah_edge.demo", "pah_edge.metrics", "pah_edge.cli", "pah_edge.export", "export")
+               "pah_edge.demo", "pah_edge.metrics", "pah_edge.plots", "pah_edge.cli", "pah_edge.export", "export")
 # The optional PyTorch reference of `pah-edge bench --runtime torch`: reached only when torch and the
 # source checkpoint are there (next step: the export side registers it, and these two go).
 REFERENCE_HOOKS = {("device/bench.py", "pah_edge.export.verify"), ("device/runtimes/__init__.py", "pah_edge.export.torch_runner")}
