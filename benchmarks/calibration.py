@@ -120,12 +120,12 @@ def run(args, work: Path) -> dict:
             record = calibrate_bundle(copy, calib, options=options, samples=args.samples, eval_dir=evaluation,
                                       new_task=new_task if options in defaults else None, max_drop=100.0,
                                       latency_runs=args.latency_runs, threads=args.threads, progress=False)
-            meets = {"accuracy": record["worst_drop_points"] <= TARGET_DROP,
-                     "speed": min(record["speedup"].values()) >= TARGET_SPEEDUP}
+            meets = {"accuracy": record.worst_drop_points <= TARGET_DROP,
+                     "speed": min(record.speedup.values()) >= TARGET_SPEEDUP}
             rows.append({"bundle": label, "default": options in defaults, "seconds": time.perf_counter() - started,
-                         "meets_targets": meets, **{k: v for k, v in record.items() if k != "versions"}})
-            print(f"{label} {_config(record['options'])}: worst drop {record['worst_drop_points']:+.2f} points, "
-                  f"speed-up {record['speedup']['1']:.2f}x / {record['speedup']['32']:.2f}x", file=sys.stderr)
+                         "meets_targets": meets, **{k: v for k, v in record.to_dict().items() if k != "versions"}})
+            print(f"{label} {_config(record.options)}: worst drop {record.worst_drop_points:+.2f} points, "
+                  f"speed-up {record.speedup['1']:.2f}x / {record.speedup['32']:.2f}x", file=sys.stderr)
             if options in defaults and args.profile:
                 opened = Bundle.open(copy)
                 size = opened.preprocess.image_size

@@ -107,12 +107,12 @@ def _verify(bundle_dir: Path, runtime: str) -> dict:
     """`pah-edge verify`: ``onnxruntime`` passes when every compared pair is within tolerance (hashes
     checked first); ``tensorrt`` needs every engine to have run and matched ONNX Runtime (or PyTorch)."""
     report = verify_bundle(bundle_dir)
-    rows = [r for r in report["rows"] if r["runtime"].startswith("tensorrt") == (runtime == "tensorrt")]
-    detail = {"reference": report["reference"], "runtimes": report["runtimes"],
+    rows = [r for r in report.rows if r["runtime"].startswith("tensorrt") == (runtime == "tensorrt")]
+    detail = {"reference": report.reference, "runtimes": report.runtimes,
               "worst": {f"{r['graph']} on {r['runtime']} {r['output']}": {"abs": r["abs"], "rel": r["rel"], "ok": r["ok"]}
                         for r in rows}}
     if runtime == "tensorrt":
-        not_run = {k: v for k, v in report["runtimes"].items() if k.startswith("tensorrt") and v != "ok"}
+        not_run = {k: v for k, v in report.runtimes.items() if k.startswith("tensorrt") and v != "ok"}
         if not_run or not rows:
             raise PahEdgeError(f"TensorRT engines did not run: {not_run or 'no engines'}")
     bad = [k for k, v in detail["worst"].items() if not v["ok"]]
@@ -146,13 +146,14 @@ def _calibrate(bundle_dir: Path, images: Path) -> None:
     samples = min(DEFAULT_SAMPLES, len(image_files([images])))
     report = calibrate_bundle(bundle_dir, images, options=QuantizeOptions(target="tensorrt"), samples=samples,
                               progress=False)
-    if not report["passed"]:
-        raise PahEdgeError(f"INT8 calibration lost {report['worst_drop_points']:.2f} points; no INT8 engine")
+    if not report.passed:
+        raise PahEdgeError(f"INT8 calibration lost {report.worst_drop_points:.2f} points; no INT8 engine")
 
 
 def _learn(bundle_dir: Path, folder: Path, runtime: str) -> dict:
     """`pah-edge learn-task` on ``runtime`` (the FP16 engine on TensorRT), as task ``acceptance-<runtime>``."""
-    return learn_task(Bundle.open(bundle_dir), folder, name=f"acceptance-{runtime}", runtime=runtime, progress=False)
+    return learn_task(Bundle.open(bundle_dir), folder, name=f"acceptance-{runtime}", runtime=runtime,
+                      progress=False).to_dict()
 
 
 def _predict(bundle_dir: Path, folder: Path, runtime: str, reference: list[dict] | None) -> dict:
@@ -170,8 +171,8 @@ def _predict(bundle_dir: Path, folder: Path, runtime: str, reference: list[dict]
 
 def _bench(bundle_dir: Path, images: Path | None, iterations: int) -> dict:
     """`pah-edge bench --runtime all --batch 1,8` with fewer iterations, to stay within minutes."""
-    return run_bench(bundle_dir, BenchConfig(batches=(1, 8), iterations=iterations, warmup=max(1, iterations // 10),
-                                             images=images))
+    config = BenchConfig(batches=(1, 8), iterations=iterations, warmup=max(1, iterations // 10), images=images)
+    return run_bench(bundle_dir, config).to_dict()
 
 
 def _bench_rows(bench: dict | None, runtime: str) -> dict:

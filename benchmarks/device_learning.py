@@ -258,17 +258,17 @@ def bench_bundle(label: str, path: Path, digits: dict, args, work: Path) -> list
                         "acc_learn_task": _acc(x_test @ heads.T, y_test),
                         "acc_ncm": _acc(ncm_scores(x_train, y_train, x_test, classes), y_test),
                         "acc_probe": _acc(probe_scores(x_train, y_train, x_test, classes), y_test),
-                        "learn_task_val_accuracy": rep["val_accuracy"], "learn_task_steps": rep["steps"],
+                        "learn_task_val_accuracy": rep.val_accuracy, "learn_task_steps": rep.steps,
                         "prototype_shape": list(bundle.prototype_shape),
-                        "bytes_stored": rep["bytes_stored"], "head_bytes": classes * dim * 4,
-                        "feature_seconds": rep["feature_seconds"], "optimise_seconds": rep["optimise_seconds"],
-                        "wall_seconds": rep["wall_seconds"], "backbone_pass_seconds": pass_s,
-                        "peak_rss_mb_in_process": rep["peak_rss_mb"],
+                        "bytes_stored": rep.bytes_stored, "head_bytes": classes * dim * 4,
+                        "feature_seconds": rep.feature_seconds, "optimise_seconds": rep.optimise_seconds,
+                        "wall_seconds": rep.wall_seconds, "backbone_pass_seconds": pass_s,
+                        "peak_rss_mb_in_process": rep.peak_rss_mb,
                     }
                     row["wall_limit_seconds"] = WALL_FACTOR * pass_s + WALL_SLACK_S
                     rows.append(row)
                     print(f"{label} C={classes} k={shots}: learn-task {row['acc_learn_task']:.1f}  "
-                          f"NCM {row['acc_ncm']:.1f}  probe {row['acc_probe']:.1f}  wall {rep['wall_seconds']:.1f} s "
+                          f"NCM {row['acc_ncm']:.1f}  probe {row['acc_probe']:.1f}  wall {rep.wall_seconds:.1f} s "
                           f"(pass {pass_s:.1f} s)", file=sys.stderr)
                     shutil.rmtree(folder)
     return rows

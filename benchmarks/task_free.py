@@ -139,8 +139,8 @@ def bench_seed(base_bundle: Path, digits: dict, fashion: dict, seed: int, shots:
         "bytes_per_task": {r.name: {"prototypes": r.bytes, "statistics": (bundle_dir / r.stats_file).stat().st_size,
                                     "classes": len(r.class_names)} for r in records},
         "feature_dim": bundle.feature_dim,
-        "learn_task_val_accuracy": {"digits": learned_digits["val_accuracy"],
-                                    "letters": learned_letters["val_accuracy"]},
+        "learn_task_val_accuracy": {"digits": learned_digits.val_accuracy,
+                                    "letters": learned_letters.val_accuracy},
         "predict_ms_batch1": latency,
         "held_out_images": len(evaluated),
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from pah_edge.device.learner import LOCK_WAIT_S, learn_task
 from pah_edge.errors import ConfigError, PahEdgeError
 from pah_edge.machine import library_versions
 from pah_edge.progress import progress_bar
+from pah_edge.report import Report, aligned
 
 log = logging.getLogger("pah_edge")
 
@@ -43,11 +45,85 @@ LATENCY_BATCHES = (1, 32)
 NEW_TASK_NAME = "int8-check"
 
 
+@dataclass(frozen=True, kw_only=True)
+class CalibrationReport(Report):
+    """The calibration record (the content of calibration.json or calibration.rejected.json). ``tasks``:
+    per task fp32/int8 accuracy, agreement, cosine; ``new_task``: a learned task's val accuracy with
+    each backbone or None; ``layers``: the largest per-layer errors; ``size_mb`` (MB), ``latency_ms``
+    (ms) and ``speedup`` per batch size; ``worst_drop_points`` (accuracy points) and ``passed``."""
+
+    format_version: int
+    file: str
+    sha256: str
+    fp32_sha256: str | None
+    created: str
+    options: dict
+    excluded_nodes: list[str]
+    max_drop_points: float
+    worst_drop_points: float | None
+    accuracy_checked: bool
+    passed: bool
+    tasks: list[dict]
+    new_task: dict | None
+    layers: list[dict]
+    size_mb: dict[str, float]
+    latency_ms: dict[str, dict[str, float]]
+    latency_threads: int | None
+    speedup: dict[str, float]
+    versions: dict[str, str]
+
+    def lines(self, bundle: Path) -> list[str]:
+        """The comparison table, the most sensitive nodes, size and speed, and where the model went."""
+        options = self.options
+        channels = "per-channel" if options["per_channel"] else "per-tensor"
+        rows = [("task", "images", "FP32 %", "INT8 %", "drop", "agree %", "cosine")]
+        for t in self.tasks:
+            rows.append((t["task"], str(t["images"]), _percent_cell(t["fp32_accuracy"]),
+                         _percent_cell(t["int8_accuracy"]), f"{100 * (t['fp32_accuracy'] - t['int8_accuracy']):+.1f}",
+                         _percent_cell(t["agreement"]), f"{t['cosine_mean']:.4f}") if t["evaluated"]
+                        else (t["task"], "not evaluated", "", "", "", "", ""))
+        if self.new_task is not None:
+            fp32, int8 = self.new_task["fp32"]["val_accuracy"], self.new_task["int8"]["val_accuracy"]
+            rows.append((f"new: {Path(self.new_task['folder']).name} (val)", str(self.new_task["images"]["val"]),
+                         _percent_cell(fp32), _percent_cell(int8),
+                         "" if None in (fp32, int8) else f"{100 * (fp32 - int8):+.1f}", "", ""))
+        lat, size = self.latency_ms, self.size_mb
+        lines = [
+            f"INT8 (for {options['target']}) vs FP32: {options['method']}, {channels}, {options['samples']} "
+            "calibration images:",
+            *aligned(rows, right=range(1, 7)),
+            "nodes adding the most error (||INT8 - FP32|| / ||FP32|| added, then accumulated; --exclude NODE keeps one FP32):",
+            *(f"  {l['op']:<10} {l['node']}{''.join(f' (with {v})' for v in l.get('via', []))}  "
+              f"+{l['added_error']:.3f} -> {l['rel_error']:.3f}" for l in self.layers),
+            f"size: FP32 {size['fp32']:.2f} MB, INT8 {size['int8']:.2f} MB",
+            *(f"ONNX Runtime CPU, batch {b}: FP32 {lat['fp32'][b]:.2f} ms, INT8 {lat['int8'][b]:.2f} ms "
+              f"({self.speedup[b]:.2f}x)" for b in lat["fp32"]),
+            f"excluded from INT8: {', '.join(self.excluded_nodes) or 'none'}",
+        ]
+        if not self.accuracy_checked:
+            lines.append("accuracy not checked: no --eval images of registered tasks; --max-drop could not apply")
+        if self.passed:
+            lines.append(f"INT8 -> {bundle / self.file} (use it with --precision int8; record in "
+                         f"{bundle / CALIBRATION_NAME})")
+        return lines
+
+    def rejection(self, bundle: Path) -> str:
+        """The error line of a calibration that lost more than ``max_drop_points``."""
+        return (f"INT8 loses {self.worst_drop_points:.2f} points, more than --max-drop {self.max_drop_points:g}; not "
+                f"installed, FP32 stays the default (report in {bundle / CALIBRATION_REJECTED_NAME}). Try "
+                "--fp32-last, --exclude NODE, another --method or more --samples")
+
+
+def _percent_cell(fraction: float | None) -> str:
+    """A cell of a column headed "%": ``97.1``, or ``-`` when not measured."""
+    return "-" if fraction is None else f"{100 * fraction:.1f}"
+
+
 def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: QuantizeOptions = QuantizeOptions(),
                      samples: int = DEFAULT_SAMPLES, eval_dir: str | Path | None = None,
                      new_task: str | Path | None = None, max_drop: float = DEFAULT_MAX_DROP, batch_size: int = 8,
                      seed: int = 0, latency_runs: int = 10, threads: int | None = None, progress: bool = True,
-                     lock_wait_s: float | None = LOCK_WAIT_S) -> dict:
+                     lock_wait_s: float | None = LOCK_WAIT_S) -> CalibrationReport:
     """Calibrate on ``samples`` images of ``images``, compare INT8 with FP32, and install it if it passes.
 
     eval_dir: held-out labelled images per registered task, ``EVAL/<task>/<class>/*``; tasks without
@@ -58,10 +134,7 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
     timed calls per model and batch size (1 and 32) after 2 warm-up calls; threads: ONNX Runtime
     intra-op threads for them (None: its default, one per core).
 
-    Returns the record (also the content of calibration.json or calibration.rejected.json):
-    settings, ``tasks`` (per task fp32/int8 accuracy, agreement, cosine), ``new_task``,
-    ``layers`` (the largest per-layer errors), ``size_mb``, ``latency_ms``, ``speedup``,
-    ``worst_drop_points`` and ``passed``.
+    Returns the record, also written to calibration.json or calibration.rejected.json.
     """
     if not max_drop >= 0:
         raise ConfigError(f"--max-drop is a number of accuracy points >= 0, got {max_drop!r}")
@@ -94,27 +167,27 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
                             latency_runs=latency_runs, threads=threads)
         # Rounded: 0.9 - 0.89 is 1.0000000000000009 points in floating point, and must pass --max-drop 1.
         drops = [round(100 * (t["fp32_accuracy"] - t["int8_accuracy"]), 6) for t in measured["tasks"] if t["evaluated"]]
-        record = {
-            "format_version": RECORD_FORMAT_VERSION,
-            "file": INT8_BACKBONE_NAME,
-            "sha256": sha256_file(int8_path),
-            "fp32_sha256": bundle.files.get(fp32_path.name),
-            "created": utc_now(),
-            "options": {**options.to_dict(), "samples": made["samples"], "images": str(images), "seed": seed,
-                        "batch_size": batch_size},
-            "excluded_nodes": made["excluded"],
-            "max_drop_points": max_drop,
-            "worst_drop_points": max(drops) if drops else None,
-            "accuracy_checked": bool(drops),
-            "passed": not drops or max(drops) <= max_drop,
+        record = CalibrationReport(
+            format_version=RECORD_FORMAT_VERSION,
+            file=INT8_BACKBONE_NAME,
+            sha256=sha256_file(int8_path),
+            fp32_sha256=bundle.files.get(fp32_path.name),
+            created=utc_now(),
+            options={**options.to_dict(), "samples": made["samples"], "images": str(images), "seed": seed,
+                     "batch_size": batch_size},
+            excluded_nodes=made["excluded"],
+            max_drop_points=max_drop,
+            worst_drop_points=max(drops) if drops else None,
+            accuracy_checked=bool(drops),
+            passed=not drops or max(drops) <= max_drop,
             **measured,
-            "versions": library_versions(),
-        }
+            versions=library_versions(),
+        )
         with bundle.lock(lock_wait_s):
-            if record["passed"]:
-                _install(bundle.path, int8_path, record)
+            if record.passed:
+                _install(bundle.path, int8_path, record.to_dict())
             else:
-                atomic_write_json(bundle.path / CALIBRATION_REJECTED_NAME, record)
+                atomic_write_json(bundle.path / CALIBRATION_REJECTED_NAME, record.to_dict())
     return record
 
 
@@ -163,6 +236,6 @@ def _new_task_accuracy(bundle: Bundle, folder: str | Path, int8_path: Path, work
     for precision in ("fp32", "int8"):
         report = learn_task(copy, folder, name=NEW_TASK_NAME, runtime="onnxruntime-cpu", precision=precision,
                             replace=True, progress=False)
-        result[precision] = {"train_accuracy": report["train_accuracy"], "val_accuracy": report["val_accuracy"]}
-        result["images"] = report["images"]
+        result[precision] = {"train_accuracy": report.train_accuracy, "val_accuracy": report.val_accuracy}
+        result["images"] = report.images
     return result

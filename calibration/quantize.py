@@ -22,9 +22,10 @@ import contextlib
 import io
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pah_edge.options import option
 from pah_edge.errors import ConfigError
 
 METHODS = ("entropy", "percentile", "minmax")
@@ -45,22 +46,25 @@ def default_target() -> str:
 class QuantizeOptions:
     """How ``int8_onnx_from_fp32`` quantizes; recorded in the bundle's calibration.json."""
 
-    target: str = field(default_factory=default_target)  # whose INT8 form to write (module docstring)
-    method: str = DEFAULT_METHOD  # activation ranges: percentile, entropy (KL) or minmax
-    per_channel: bool = True  # one weight scale per output channel (False: per tensor)
-    # The first Conv/Gemm/MatMul (the stem) in FP32: it sees raw pixels through only 3 input channels and
-    # costs ~3 % of the time; in INT8 it cost efficientnet_lite0 most of its feature error on held-out
-    # calibration-folder images (cosine 0.911 -> 0.979 kept in FP32; mobilenet_v3_large 0.971 -> 0.977).
-    fp32_first: bool = True
-    fp32_last: bool = False  # the last one (producing the features) in FP32 too
-    exclude: tuple[str, ...] = ()  # more nodes to keep in FP32, e.g. the report's most sensitive ones
-    # 7-bit weights. x86 CPUs without VNNI multiply INT8 with VPMADDUBSW, whose 16-bit pair sums
-    # saturate on full-range weights (per-channel scales make every channel full range): on the tiny
-    # test model the features' error grew from 0.03 to 0.18 there. 7 bits cost ~nothing measured.
-    reduce_range: bool = True
+    target: str = option("auto", f"INT8 form for {' or '.join(TARGETS)} (TensorRT needs signed activations; ONNX "
+                         "Runtime CPU is fast only with unsigned ones); auto: tensorrt where it is installed.")
+    method: str = option(DEFAULT_METHOD, f"Activation ranges: {', '.join(METHODS)}.")
+    per_channel: bool = option(True, "One weight scale per output channel or per tensor.", "--per-channel/--per-tensor")
+    # The stem sees raw pixels through only 3 input channels and costs a few % of the time, yet in INT8
+    # it caused most of efficientnet_lite0's feature error (docs/benchmarks.md, INT8 calibration).
+    fp32_first: bool = option(True, "Keep the first Conv (raw pixels in) in FP32.", "--fp32-first/--int8-first")
+    fp32_last: bool = option(False, "Keep the last Conv/Gemm (features out) in FP32.", "--fp32-last/--int8-last")
+    exclude: tuple[str, ...] = option((), "Keep this node in FP32 (repeatable; the report names the most sensitive).",
+                                      "--exclude")
+    # x86 CPUs without VNNI multiply INT8 with VPMADDUBSW, whose 16-bit pair sums saturate on
+    # full-range weights (per-channel scales make every channel full range); 7 bits cost ~nothing.
+    reduce_range: bool = option(True, "7-bit weights: no INT8 overflow on x86 CPUs without VNNI.",
+                                "--reduce-range/--full-range")
     percentile: float = 99.999  # of |activation| kept in range by the percentile method
 
     def __post_init__(self) -> None:
+        if self.target == "auto":
+            object.__setattr__(self, "target", default_target())
         if self.target not in TARGETS:
             raise ConfigError(f"unknown --target {self.target!r}; choose one of: {', '.join(TARGETS)}")
         if self.method not in METHODS:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pah_edge.bundle import Bundle, TaskRecord
-from pah_edge.device.learner import LOCK_WAIT_S, learn_task, learn_task_arrays
+from pah_edge.device.learner import LOCK_WAIT_S, LearnReport, learn_task, learn_task_arrays
 from pah_edge.device.predict import Predictor
 from pah_edge.preprocess import frame_image, load_image
 
@@ -48,24 +48,6 @@ class Prediction:
         fields = asdict(self)
         path = fields.pop("path")
         return fields if path is None else {"path": path, **fields}
-
-
-@dataclass(frozen=True)
-class LearnedTask:
-    """What `Device.learn_task` learned: the main numbers; ``report`` has every field (see ``learner.learn``)."""
-
-    name: str
-    classes: tuple[str, ...]
-    images: int  # read and learned from
-    train_accuracy: float  # 0..1, the stored fit on every image
-    val_accuracy: float | None  # 0..1, a fit without 20 % of each class; None without them
-    seconds: float  # wall time
-    report: dict[str, Any]
-
-    @classmethod
-    def from_report(cls, report: dict[str, Any]) -> LearnedTask:
-        return cls(report["name"], tuple(report["classes"]), report["images"]["train"] + report["images"]["val"],
-                   report["train_accuracy"], report["val_accuracy"], report["wall_seconds"], report)
 
 
 class Device:
@@ -142,20 +124,19 @@ class Device:
     # --- learning and the task registry ----------------------------------------------------------------
 
     def learn_task(self, folder: str | os.PathLike, *, name: str | None = None, replace: bool = False,
-                   **options) -> LearnedTask:
+                   **options) -> LearnReport:
         """Learn ``folder/<class>/<images>`` as a new task (``name`` defaults to the folder's name).
 
         ``options``: budget_mb, progress (default False here), ... (see ``pah_edge.device.learner.learn``).
         """
-        return LearnedTask.from_report(learn_task(self.bundle, Path(folder), name=name, replace=replace,
-                                                  **self._learn_options(options)))
+        return learn_task(self.bundle, Path(folder), name=name, replace=replace, **self._learn_options(options))
 
     def learn_task_arrays(self, images: Sequence[np.ndarray], labels: Sequence, *, name: str, bgr: bool = False,
-                          replace: bool = False, **options) -> LearnedTask:
+                          replace: bool = False, **options) -> LearnReport:
         """Learn a new task from frames (as `predict` takes them) and one label each: class names (str)
         or numbers (int). The same images give the same task as `learn_task` on a folder of them."""
-        return LearnedTask.from_report(learn_task_arrays(self.bundle, images, labels, name=name, bgr=bgr,
-                                                         replace=replace, **self._learn_options(options)))
+        return learn_task_arrays(self.bundle, images, labels, name=name, bgr=bgr, replace=replace,
+                                 **self._learn_options(options))
 
     def _learn_options(self, options: dict) -> dict:
         # Learning uses this device's runtime and backbone (FP32 for precision auto); the task records

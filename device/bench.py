@@ -27,12 +27,33 @@ from pah_edge.device.bench_inputs import DEFAULT_CLASSES, IMAGES_PER_CLASS, prep
 from pah_edge.device.runtimes import EngineMismatchError, RuntimeUnavailable, available_runtimes
 from pah_edge.errors import ConfigError, PahEdgeError
 from pah_edge.machine import machine_info, reset_peak_rss
+from pah_edge.options import names, whole_numbers
+from pah_edge.report import Report, aligned
 
 log = logging.getLogger("pah_edge")
 
 # Measured in this order: torch last, so that its libraries are not yet in memory during the others' rows.
 RUNTIMES = ("onnxruntime", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchReport(Report):
+    """``results``: one row per component, runtime, precision and batch (see the module docstring);
+    ``skipped``: what could not run here, each with its ``reason``."""
+
+    machine: dict
+    settings: dict
+    results: list[dict]
+    skipped: list[dict]
+
+    def lines(self) -> list[str]:
+        rows = table_rows(self.results)
+        skipped = [(s, ", ".join(f"{k} {s[k]}" for k in ("precision", "batch") if s[k] is not None))
+                   for s in self.skipped]
+        return [machine_line(self.machine), *aligned(rows, right=range(3, len(rows[0]) - 1)),
+                *(f"skipped {s['component']} on {s['runtime']}{f' ({where})' if where else ''}: {s['reason']}"
+                  for s, where in skipped)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,18 +86,13 @@ class BenchConfig:
     @classmethod
     def from_options(cls, *, runtime: str, precision: str, batch: str, **kw) -> BenchConfig:
         """From the CLI's comma-separated texts (``--runtime all`` = every runtime)."""
-        runtimes = RUNTIMES if runtime.strip() == "all" else _split(runtime)
-        try:
-            batches = tuple(int(b) for b in _split(batch))
-        except ValueError:
-            raise ConfigError(f"--batch takes positive whole numbers such as 1,8,32; got {batch!r}") from None
-        return cls(runtimes=runtimes, precisions=_split(precision), batches=batches, **kw)
+        runtimes = RUNTIMES if runtime.strip() == "all" else names(runtime)
+        return cls(runtimes=runtimes, precisions=names(precision), batches=whole_numbers(batch, "--batch"), **kw)
 
 
 def run_bench(bundle_path: str | Path, config: BenchConfig | None = None, *, json_path: Path | None = None,
-              plot_path: Path | None = None) -> dict:
-    """Measure, then write ``json_path`` and ``plot_path`` (atomically) if given; returns the report
-    ``{"machine", "settings", "results": [row, ...], "skipped": [...]}``.
+              plot_path: Path | None = None) -> BenchReport:
+    """Measure, then write ``json_path`` (the report's `to_dict`) and ``plot_path`` (atomically) if given.
 
     PahEdgeError if the bundle is missing, --plot lacks matplotlib, or nothing could be measured.
     """
@@ -106,10 +122,10 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None, *, jso
         reasons = "; ".join(f"{s['component']} on {s['runtime']}: {s['reason']}" for s in skipped)
         raise PahEdgeError(f"nothing could be measured here ({reasons})")
     add_ratios(rows)
-    report = {"machine": machine_info(), "settings": _settings(bundle, config, inputs.source, classes, ctx.rss_per_row),
-              "results": rows, "skipped": skipped}
+    report = BenchReport(machine=machine_info(), settings=_settings(bundle, config, inputs.source, classes,
+                                                                    ctx.rss_per_row), results=rows, skipped=skipped)
     if json_path is not None:
-        atomic_write_json(json_path, report)
+        atomic_write_json(json_path, report.to_dict())
     if plot_path is not None:
         from pah_edge.device.bench_plot import plot_latency_vs_batch  # needs matplotlib
 
@@ -218,10 +234,6 @@ def _settings(bundle: Bundle, config: BenchConfig, source: str, classes: int, rs
             "learn_task_images": classes * IMAGES_PER_CLASS,
             "learn_task_runs": min(config.iterations, LEARN_TASK_RUNS), "rss_mb": scope,
             "date": date.today().isoformat()}
-
-
-def _split(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _listed(values) -> str:

@@ -291,7 +291,7 @@ def learn_task_run(ctx: Context, runtime: str, precision: str | None) -> Iterato
         start = time.perf_counter()
         report = learn_task(ctx.scratch, ctx.inputs.learn_folder, name="bench-learned", runtime=runtime,
                             replace=True, progress=False)
-        runner_names.append(report["runtime"])
+        runner_names.append(report.runtime)
         return (time.perf_counter() - start) * 1e3
 
     with _quiet():

@@ -24,6 +24,7 @@ import numpy as np
 
 from pah_edge.bundle import Bundle, BundleError, task_name_from, validate_task_name
 from pah_edge.folders import class_rng
+from pah_edge.generators import generator_kind
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner, max_batch
 from pah_edge.device.images import (BatchStream, ClassFolders, FrameStream, check_no_class_empty, scan_class_folders,
                                     warn_ignored, warn_skipped)
@@ -34,6 +35,7 @@ from pah_edge.errors import ConfigError, DataError, FrameError
 from pah_edge.machine import current_rss_mb, peak_rss_mb
 from pah_edge.preprocess import Preprocess, check_frame
 from pah_edge.progress import progress_bar
+from pah_edge.report import Report, percent
 from pah_edge.task_free import task_stats
 
 log = logging.getLogger("pah_edge")
@@ -46,8 +48,6 @@ ACTIVATION_FACTOR = 36
 STATS_COPIES = 3  # min(N, D)^2 float64 arrays alive at once while the task-free statistics are computed
 SLACK_MB = 32  # decoded images, the fit's arrays, Python's own growth
 UNBOUNDED_BATCH_MB = 75  # a batch's share without a budget (6 images at 224 px)
-# Generators whose head is linear in the prototypes: they start from the class-mean classifier.
-LINEAR_GENERATORS = ("classwise-linear",)
 LOCK_WAIT_S = 600.0
 
 
@@ -195,7 +195,49 @@ def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> flo
     return float(np.mean(np.argmax(features @ heads.T, axis=1) == labels))
 
 
-def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, **options) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class LearnReport(Report):
+    """What `learn` learned: ``images`` {train, val}; ``skipped`` (unreadable images); ``ignored_files``;
+    ``train_accuracy`` (final fit, all images) and ``val_accuracy`` (the fit without the validation
+    images; None without them); ``initial_loss`` / ``final_loss`` (cross-entropy of the final fit);
+    ``steps``, ``converged``; ``runtime``, ``precision``, ``batch_size``; ``feature_images_per_s``
+    (decoding included); ``feature_seconds``, ``optimise_seconds``, ``wall_seconds`` (s);
+    ``peak_rss_mb`` (MB); ``bytes_stored`` (prototypes), ``stats_bytes_stored`` (task-free statistics;
+    0 for a bundle without them) and ``file``."""
+
+    name: str
+    classes: list[str]
+    images: dict[str, int]
+    skipped: int
+    ignored_files: int
+    train_accuracy: float
+    val_accuracy: float | None
+    initial_loss: float
+    final_loss: float
+    steps: int
+    converged: bool
+    runtime: str
+    precision: str
+    batch_size: int
+    feature_images_per_s: float | None
+    feature_seconds: float
+    optimise_seconds: float
+    wall_seconds: float
+    peak_rss_mb: float
+    bytes_stored: int
+    stats_bytes_stored: int
+    file: str
+
+    def lines(self) -> list[str]:
+        """``learned 'digits': 10 classes, 800 train / 200 val images, train 97.1% val 93.0%, ...``."""
+        return [f"learned {self.name!r}: {len(self.classes)} classes, {self.images['train']} train / "
+                f"{self.images['val']} val images, train {percent(self.train_accuracy)} val {percent(self.val_accuracy)}, "
+                f"{self.feature_images_per_s or 0:.0f} img/s features, {self.wall_seconds:.1f} s wall, "
+                f"peak RSS {self.peak_rss_mb:.0f} MB, {self.bytes_stored:,} bytes of prototypes + "
+                f"{self.stats_bytes_stored:,} of task-free statistics stored"]
+
+
+def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, **options) -> LearnReport:
     """Learn the task in ``folder`` (``<class>/<images>``) into ``bundle``; returns the report.
 
     ``name`` defaults to the folder's name. Unreadable images are skipped with one warning; a class
@@ -205,7 +247,7 @@ def learn_task(bundle: Bundle, folder: str | Path, *, name: str | None = None, *
 
 
 def learn_task_arrays(bundle: Bundle, images: Sequence[np.ndarray], labels: Sequence, *, name: str,
-                      bgr: bool = False, **options) -> dict:
+                      bgr: bool = False, **options) -> LearnReport:
     """Learn a task from in-memory frames with one label each (see `NewTask.from_arrays`); returns the report.
 
     The same images in the same order within each class give the same task as `learn_task` on a
@@ -217,7 +259,7 @@ def learn_task_arrays(bundle: Bundle, images: Sequence[np.ndarray], labels: Sequ
 def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None = None, budget_mb: float | None = None,
           runtime: str = "auto", precision: str = "fp32", replace: bool = False, val_fraction: float = 0.2,
           max_steps: int = 200, lr: float = 0.5, weight: float = 0.01, patience: int = 25, seed: int = 0,
-          progress: bool = True, lock_wait_s: float | None = LOCK_WAIT_S, backbone: Runner | None = None) -> dict:
+          progress: bool = True, lock_wait_s: float | None = LOCK_WAIT_S, backbone: Runner | None = None) -> LearnReport:
     """Learn the task that ``new_task()`` describes into ``bundle``; returns the report.
 
     Everything that can be checked is checked before any image is decoded: the options, then
@@ -231,13 +273,6 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
     ``backbone``: an active backbone runner to use instead of starting one (``runtime`` and
     ``precision`` must describe it). ``lr``, ``weight``, ``patience``, ``max_steps``: see
     ``prototype_fit.fit_prototypes``.
-
-    Report: name, classes (names), images {train, val}, skipped (unreadable images),
-    ignored_files, train_accuracy (final fit, all images) and val_accuracy (the fit without the
-    validation images; None without them), initial_loss and final_loss (cross-entropy of the final
-    fit), steps, converged, runtime, precision, batch_size, feature_images_per_s (decoding included),
-    feature_seconds, optimise_seconds, wall_seconds (s), peak_rss_mb (MB), bytes_stored (prototypes),
-    stats_bytes_stored (task-free statistics; 0 for a bundle without them) and file.
     """
     wall = time.perf_counter()
     _check_options(val_fraction=val_fraction, max_steps=max_steps, lr=lr, weight=weight, patience=patience)
@@ -291,30 +326,30 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
                                  accuracy=val_acc if val_acc is not None else train_acc,
                                  stats=_task_free_stats(bundle, extracted, len(task.class_names)),
                                  precision=precision)
-    return {
-        "name": name,
-        "classes": list(task.class_names),
-        "images": {"train": int(len(train)), "val": int(len(val))},
-        "skipped": len(extracted.skipped),
-        "ignored_files": task.folders.ignored if task.folders is not None else 0,
-        "train_accuracy": train_acc,
-        "val_accuracy": val_acc,
-        "initial_loss": result.initial_loss,
-        "final_loss": result.final_loss,
-        "steps": result.steps,
-        "converged": result.converged,
-        "runtime": backbone.name,
-        "precision": precision,
-        "batch_size": batch,
-        "feature_images_per_s": len(extracted.labels) / extracted.seconds if extracted.seconds > 0 else None,
-        "feature_seconds": extracted.seconds,
-        "optimise_seconds": result.seconds + (held_out.seconds if held_out is not None else 0.0),
-        "wall_seconds": time.perf_counter() - wall,
-        "peak_rss_mb": peak_rss_mb(),
-        "bytes_stored": record.bytes,
-        "stats_bytes_stored": (bundle.path / record.stats_file).stat().st_size if record.stats_file else 0,
-        "file": record.file,
-    }
+    return LearnReport(
+        name=name,
+        classes=list(task.class_names),
+        images={"train": int(len(train)), "val": int(len(val))},
+        skipped=len(extracted.skipped),
+        ignored_files=task.folders.ignored if task.folders is not None else 0,
+        train_accuracy=train_acc,
+        val_accuracy=val_acc,
+        initial_loss=result.initial_loss,
+        final_loss=result.final_loss,
+        steps=result.steps,
+        converged=result.converged,
+        runtime=backbone.name,
+        precision=precision,
+        batch_size=batch,
+        feature_images_per_s=len(extracted.labels) / extracted.seconds if extracted.seconds > 0 else None,
+        feature_seconds=extracted.seconds,
+        optimise_seconds=result.seconds + (held_out.seconds if held_out is not None else 0.0),
+        wall_seconds=time.perf_counter() - wall,
+        peak_rss_mb=peak_rss_mb(),
+        bytes_stored=record.bytes,
+        stats_bytes_stored=(bundle.path / record.stats_file).stat().st_size if record.stats_file else 0,
+        file=record.file,
+    )
 
 
 def _task_free_stats(bundle: Bundle, extracted: Features, classes: int):
@@ -344,18 +379,7 @@ def _starting_point(bundle: Bundle, generator: Runner, extracted: Features, clas
 
 def _starts_from_features(bundle: Bundle) -> bool:
     """Linear generators start from the class-mean classifier; the others from class-mean thumbnails."""
-    return bundle.generator_kind in LINEAR_GENERATORS
-
-
-def summary_line(report: dict) -> str:
-    """``learned 'digits': 10 classes, 800 train / 200 val images, train 97.1% val 93.0%, ...``."""
-    val = "n/a" if report["val_accuracy"] is None else f"{100 * report['val_accuracy']:.1f}%"
-    speed = report["feature_images_per_s"]
-    return (f"learned {report['name']!r}: {len(report['classes'])} classes, {report['images']['train']} train / "
-            f"{report['images']['val']} val images, train {100 * report['train_accuracy']:.1f}% val {val}, "
-            f"{speed:.0f} img/s features, {report['wall_seconds']:.1f} s wall, "
-            f"peak RSS {report['peak_rss_mb']:.0f} MB, {report['bytes_stored']:,} bytes of prototypes + "
-            f"{report['stats_bytes_stored']:,} of task-free statistics stored")
+    return generator_kind(bundle.generator_kind).linear
 
 
 def _check_class_count(bundle: Bundle, task: NewTask) -> None:

@@ -7,12 +7,11 @@ which heads are orthonormal combinations (so the pull is measured on the heads).
 generator the objective is convex, so it is run to convergence instead of being
 early-stopped on a handful of validation images; the pull towards the class-mean start ``Z0`` is
 the regulariser that keeps few-shot heads close to class means and lets many-shot heads move
-(measured on novel digits: early stopping on a 20 % validation split cost 2 points, weight 0.01
-beat 0.03 and matched 0.003). Step sizes are relative to the start's RMS, so one setting fits
-prototypes of any scale. For a linear generator the fit runs in coordinates where the generator is
-orthonormal (``prototype_init.LinearHeads``): a trained ``A`` is ill-conditioned (condition number 63
-measured on EfficientNet-Lite0), and Adam's per-coordinate steps in raw prototype space then
-overshoot along its strong directions. The cross-entropy and its gradient come from
+(early stopping and the pull's weight: docs/benchmarks.md, "Learning a new task on the device").
+Step sizes are relative to the start's RMS, so one setting fits prototypes of any scale. For a
+linear generator the fit runs in coordinates where the generator is orthonormal
+(``prototype_init.LinearHeads``): a trained ``A`` is ill-conditioned, and Adam's per-coordinate
+steps in raw prototype space then overshoot along its strong directions. The cross-entropy and its gradient come from
 ``learner_step.onnx``.
 """
 

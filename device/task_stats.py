@@ -20,6 +20,7 @@ from pah_edge.device.runtimes import Runner
 from pah_edge.errors import DataError
 from pah_edge.preprocess import to_input
 from pah_edge.progress import progress_bar
+from pah_edge.report import Report
 from pah_edge.task_free import TaskFreeRule, UNKNOWN_RATE, with_threshold, workstation_stats
 
 log = logging.getLogger("pah_edge")
@@ -38,11 +39,29 @@ class TaskFeatures:
     held_out: np.ndarray
 
 
-def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *, unknown_rate: float = UNKNOWN_RATE) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class TaskFreeReport(Report):
+    """The task-free statistics `install_task_free` wrote: from ``images`` images of ``tasks``, and the
+    novelty ``threshold`` that calls ``unknown_rate`` (a fraction) of ``held_out_images`` unknown."""
+
+    tasks: list[str]
+    images: int
+    held_out_images: int
+    threshold: float
+    unknown_rate: float
+
+    def lines(self) -> list[str]:
+        return [f"task-free statistics for {', '.join(self.tasks)} from {self.images} images; novelty threshold "
+                f"{self.threshold:.3f} calls {100 * self.unknown_rate:.0f} % of {self.held_out_images} held-out "
+                "images unknown"]
+
+
+def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *,
+                      unknown_rate: float = UNKNOWN_RATE) -> TaskFreeReport:
     """Fit the shared state and every given task's statistics; write them into ``bundle``.
 
     The novelty threshold is the one that calls ``unknown_rate`` of the held-out images unknown. The
-    caller holds the bundle's lock (or owns the bundle, as export does). Returns a small report.
+    caller holds the bundle's lock (or owns the bundle, as export does).
     """
     classes = [len(bundle.task(t.name).class_names) for t in tasks]
     shared, stats = workstation_stats([(t.fit, t.labels, c) for t, c in zip(tasks, classes)])
@@ -57,8 +76,8 @@ def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *, unknown_rate
         log.warning("task(s) %s have no task-free statistics and stay out of task-free prediction: give their "
                     "images as DIR/<task>/<class>/* to `pah-edge task-stats %s --images DIR`", ", ".join(left_out),
                     bundle.path)
-    return {"tasks": [t.name for t in tasks], "images": int(shared.count), "held_out_images": len(held_out),
-            "threshold": shared.threshold, "unknown_rate": unknown_rate}
+    return TaskFreeReport(tasks=[t.name for t in tasks], images=int(shared.count), held_out_images=len(held_out),
+                          threshold=shared.threshold, unknown_rate=unknown_rate)
 
 
 def features_of_arrays(runner: Runner, images_uint8: np.ndarray, bundle: Bundle) -> np.ndarray:

@@ -73,3 +73,24 @@ def frames(capture: Any, *, every: int = 1, live: bool = False) -> Iterator[tupl
         elif not capture.grab():
             return
         index += 1
+
+
+def predict_frames(bundle: Path, *, video: Path | None, camera: int | None, every: int = 1,
+                   max_frames: int | None = None, task: str | None = None,
+                   **device_options) -> Iterator[dict[str, Any]]:
+    """``{frame, time_ms, task, label, confidence, novelty, known}`` per predicted frame of ``video``
+    or ``camera`` (see `frames`), up to ``max_frames``; ``device_options`` go to `Device`."""
+    from pah_edge.device.api import Device
+
+    if max_frames is not None and max_frames < 1:
+        raise ConfigError(f"--max-frames must be 1 or more, got {max_frames}")
+    capture = open_source(video=video, camera=camera)  # first: no OpenCV or no source fails in a moment
+    try:
+        with Device(bundle, **device_options) as dev:
+            dev.predict_batch([], task=task)  # an unknown --task fails before the first frame is read
+            for count, (index, ms, frame) in enumerate(frames(capture, every=every, live=camera is not None), 1):
+                yield {"frame": index, "time_ms": round(ms, 3), **dev.predict(frame, task=task, bgr=True).to_dict()}
+                if count == max_frames:
+                    return
+    finally:
+        capture.release()

@@ -6,11 +6,13 @@ export that fails (parity, a crash, Ctrl-C) leaves any previous bundle untouched
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,34 +24,39 @@ from pah_edge.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
                              task_name_from, utc_now)
 from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from pah_edge.config import RunConfig
-from pah_edge.device.task_stats import install_task_free
-from pah_edge.errors import CheckpointError, ConfigError, DataError
+from pah_edge.device.task_stats import TaskFreeReport, install_task_free
+from pah_edge.errors import CheckpointError, ConfigError, DataError, PahEdgeError
 from pah_edge.export.graphs import LearnerStepGraph
-from pah_edge.export.onnx_export import GRAPH_TOLERANCES, ExportError, OnnxGraph, onnx_from_torch, torch_outputs
+from pah_edge.export.onnx_export import (GRAPH_TOLERANCES, ExportError, OnnxGraph, onnx_from_torch, tolerance_text,
+                                         torch_outputs)
 from pah_edge.export.task_free_data import STATS_PER_CLASS, run_task_features
 from pah_edge.export.parity_inputs import Inputs, backbone_inputs, learner_step_inputs, prototype_sets
+from pah_edge.generators import GENERATOR_KINDS, generator_kind
 from pah_edge.hypernetwork import TaskMLPGenerator
 from pah_edge.machine import library_versions
 from pah_edge.metrics import summarize
 from pah_edge.model import PAHModel
 from pah_edge.preprocess import Preprocess
+from pah_edge.report import Report, aligned
 
 log = logging.getLogger("pah_edge")
 
-EXPORTABLE_GENERATORS = ("classwise-linear", "classwise", "task-mlp")
 GRAPH_FILES = {"backbone": "backbone.onnx", "generator": "generator.onnx", "learner_step": "learner_step.onnx"}
 
 
 def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = 17, simplify: bool = True,
                   images: Path | None = None, force: bool = False, backbone: str | None = None,
-                  stats_per_class: int = STATS_PER_CLASS, progress: bool = False) -> dict:
+                  stats_per_class: int = STATS_PER_CLASS, engine: str | None = None,
+                  progress: bool = False) -> ExportReport:
     """Export the run at ``checkpoint`` (run directory or its checkpoint.pt) as a bundle in ``out_dir``.
 
     images: a folder whose first 16 images (recursive) join the backbone parity check. force: replace
     an existing bundle. backbone: refuse a checkpoint of another backbone. stats_per_class: images
     per class of the run's data for the task-free statistics (when the data is not here, the bundle
-    is written without them, with a warning naming the command that adds them). Returns the report
-    that is also written to ``out_dir/report.json``; a parity failure raises ExportError and writes nothing.
+    is written without them, with a warning naming the command that adds them). engine: also build
+    a TensorRT engine of this precision (fp32, fp16, int8), checked for TensorRT before the export.
+    Returns the report that is also written to ``out_dir/report.json``; a parity failure raises
+    ExportError and writes nothing.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
@@ -59,6 +66,8 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = 17, simplify:
     _check_destination(out_dir, force)  # before minutes of export work
     if images is not None and not Path(images).is_dir():
         raise DataError(f"--images {images} is not a folder; give a folder of .png/.jpg images")
+    if engine is not None:
+        _check_engine_possible(engine)
     state = load_checkpoint(ckpt_path)
     cfg = RunConfig.from_dict(state["config"])
     _check_exportable(cfg, ckpt_path, backbone)
@@ -77,17 +86,33 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = 17, simplify:
             bundle.add_task(name=task["name"], class_names=task["class_names"], prototypes=task["prototypes"],
                             images_seen=task["images_seen"], accuracy=task["accuracy"], source="workstation")
         task_free = _task_free(bundle, cfg, preprocess, stats_per_class, progress, out_dir)
-        report = _report(out_dir, ckpt_path, state, manifest, graphs, tasks, images) | {"task_free": task_free}
-        atomic_write_json(tmp / "report.json", report)
+        report = _report(out_dir, ckpt_path, state, manifest, graphs, tasks, images, task_free)
+        atomic_write_json(tmp / "report.json", report.to_dict())
         _move_into_place(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if engine is not None:
+        from pah_edge.export.tensorrt_build import build_engines
+
+        report = dataclasses.replace(report, engines=[str(path) for path in build_engines(out_dir, precision=engine)])
     return report
 
 
+def _check_engine_possible(precision: str) -> None:
+    """Fail in a moment, not after the export, when the asked-for engine cannot be built here."""
+    from pah_edge.device.runtimes.tensorrt import tensorrt_problem
+    from pah_edge.export.tensorrt_build import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --engine {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    problem = tensorrt_problem()
+    if problem is not None:
+        raise PahEdgeError(f"--engine needs TensorRT here: {problem}; or export without --engine")
+
+
 def _task_free(bundle: Bundle, cfg: RunConfig, preprocess: Preprocess, per_class: int, progress: bool,
-               out_dir: Path) -> dict | None:
+               out_dir: Path) -> TaskFreeReport | None:
     """Install the task-free statistics from the run's data; None (and a warning) when it is not here."""
     try:
         features = run_task_features(bundle, cfg, preprocess, per_class=per_class, progress=progress)
@@ -135,10 +160,10 @@ def _check_destination(out_dir: Path, force: bool) -> None:
 
 
 def _check_exportable(cfg: RunConfig, ckpt_path: Path, backbone: str | None) -> None:
-    if cfg.model.generator not in EXPORTABLE_GENERATORS:
+    if not generator_kind(cfg.model.generator).prototypes:
         raise ExportError(f"{ckpt_path} was trained with the {cfg.model.generator} generator (a stored head per "
-                          "task), which has no prototypes to learn on the device; export a run trained with "
-                          "--generator classwise-linear, classwise or task-mlp")
+                          "task), which has no prototypes to learn on the device; export a run trained with --generator "
+                          f"{' or '.join(k.name for k in GENERATOR_KINDS.values() if k.prototypes)}")
     if backbone is not None and canonical_backbone_name(backbone) != canonical_backbone_name(cfg.model.backbone):
         raise ConfigError(f"{ckpt_path} is a {cfg.model.backbone} run, not {canonical_backbone_name(backbone)}; "
                           f"pass --backbone {cfg.model.backbone} or another --checkpoint")
@@ -244,28 +269,66 @@ def _training_metrics(ckpt_path: Path, state: dict) -> dict:
         return summarize(state["acc_matrix"]) if state["acc_matrix"] else {}
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExportReport(Report):
+    """What `export_bundle` wrote (also ``report.json`` in the bundle). ``graphs``: per graph its file,
+    size_mb (MB), simplified, inputs_checked, tracer_warnings, tolerance and ``errors`` (per output
+    the worst "abs" and "rel" error against PyTorch); ``task_free``: `install_task_free`'s report or None."""
+
+    bundle: str
+    checkpoint: str
+    created: str
+    backbone: str
+    generator: dict
+    opset: int
+    tasks_exported: int
+    tasks_in_run: int
+    note: str | None
+    parity_images: str
+    graphs: dict[str, dict]
+    tasks: list[str]
+    task_free: TaskFreeReport | None
+    engines: list[str] = field(default_factory=list)  # TensorRT engines built after the export
+
+    def lines(self) -> list[str]:
+        rows = [("graph", "MB", "output", "abs err", "rel err", "limit", "onnxslim")]
+        for name, graph in self.graphs.items():
+            for i, (output, err) in enumerate(graph["errors"].items()):
+                first = i == 0
+                rows.append((name if first else "", f"{graph['size_mb']:.2f}" if first else "", output,
+                             f"{err['abs']:.1e}", f"{err['rel']:.1e}", tolerance_text(graph["tolerance"]),
+                             graph["simplified"] if first else ""))
+        return [f"{self.backbone} + {self.generator['kind']} generator, opset {self.opset}:",
+                *aligned(rows, right={1, 3, 4}),
+                *([f"note: {self.note}"] if self.note else []),
+                f"tasks: {', '.join(self.tasks) or 'none'}",
+                f"bundle -> {self.bundle}",
+                *(f"engine -> {path}" for path in self.engines)]
+
+
 def _report(out_dir: Path, ckpt_path: Path, state: dict, manifest: dict, graphs: dict[str, OnnxGraph],
-            tasks: list[dict], images: Path | None) -> dict:
+            tasks: list[dict], images: Path | None, task_free: TaskFreeReport | None) -> ExportReport:
     done, total = len(tasks), len(state["tasks"])
-    return {
-        "bundle": str(out_dir),
-        "checkpoint": str(ckpt_path),
-        "created": manifest["created"],
-        "backbone": manifest["backbone"],
-        "generator": manifest["generator"],
-        "opset": manifest["opset"],
-        "tasks_exported": done,
-        "tasks_in_run": total,
-        "note": None if done == total else f"the run stopped after {done} of its {total} tasks; "
-                                           f"the bundle holds those {done}",
-        "parity_images": str(images) if images is not None else "task prototypes as images",
-        "graphs": {name: {"file": g.path.name, "size_mb": round(g.path.stat().st_size / 1e6, 3),
-                          "simplified": g.simplified, "inputs_checked": g.checked,
-                          "tracer_warnings": g.tracer_warnings,
-                          "tolerance": GRAPH_TOLERANCES[name].to_dict(), "errors": g.errors}
-                   for name, g in graphs.items()},
-        "tasks": [t["name"] for t in tasks],
-    }
+    return ExportReport(
+        bundle=str(out_dir),
+        checkpoint=str(ckpt_path),
+        created=manifest["created"],
+        backbone=manifest["backbone"],
+        generator=manifest["generator"],
+        opset=manifest["opset"],
+        tasks_exported=done,
+        tasks_in_run=total,
+        note=None if done == total else f"the run stopped after {done} of its {total} tasks; "
+                                        f"the bundle holds those {done}",
+        parity_images=str(images) if images is not None else "task prototypes as images",
+        graphs={name: {"file": g.path.name, "size_mb": round(g.path.stat().st_size / 1e6, 3),
+                       "simplified": g.simplified, "inputs_checked": g.checked,
+                       "tracer_warnings": g.tracer_warnings,
+                       "tolerance": GRAPH_TOLERANCES[name].to_dict(), "errors": g.errors}
+                for name, g in graphs.items()},
+        tasks=[t["name"] for t in tasks],
+        task_free=task_free,
+    )
 
 
 def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:

@@ -57,6 +57,11 @@ class Tolerance:
         return {"abs": self.abs, "rel": self.rel}
 
 
+def tolerance_text(tolerance: Mapping[str, float | None]) -> str:
+    """A `Tolerance.to_dict()` as a report shows it: ``abs<1e-04 or rel<1e-05``."""
+    return " or ".join(f"{kind}<{limit:.0e}" for kind, limit in tolerance.items() if limit is not None)
+
+
 # The export's FP32 contract, per graph; `pah-edge verify` holds runtimes to the same numbers.
 GRAPH_TOLERANCES = {
     "backbone": Tolerance(abs=1e-4, rel=1e-4),

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pah_edge.bundle import Bundle, BundleError, sha256_file
 from pah_edge.errors import PahEdgeError
-from pah_edge.export.onnx_export import GRAPH_TOLERANCES, Tolerance, merge_worst, parity
+from pah_edge.export.onnx_export import GRAPH_TOLERANCES, Tolerance, merge_worst, parity, tolerance_text
 from pah_edge.export.parity_inputs import backbone_inputs, learner_step_inputs, prototype_sets
+from pah_edge.report import Report, aligned
 
 # Not FP32 parity: bounds that only catch a broken engine (wrong input layout, overflow, bad scales).
 REDUCED_PRECISION_TOLERANCES = {"fp16": Tolerance(rel=5e-2), "int8": Tolerance(rel=0.25)}
@@ -32,13 +34,49 @@ IO_NAMES = {
 }
 
 
-def verify_bundle(path: Path, *, images: Path | None = None) -> dict:
-    """Check hashes, run the parity inputs through each runtime, and compare; returns the report.
+@dataclass(frozen=True, kw_only=True)
+class VerifyReport(Report):
+    """``rows``: one per graph, runtime and output: its worst "abs" and "rel" error against
+    ``reference`` (torch, else onnxruntime), the "tolerance" and whether it is "ok"; ``runtimes``:
+    "ok" or "skipped (reason)" per runtime; ``inputs``: batches per graph; ``tasks``: `task_states`;
+    ``ok``: every row within and every task usable."""
 
-    report["rows"]: one per graph, runtime and output: its worst "abs" and "rel" error against
-    report["reference"] (torch, else onnxruntime), the "tolerance" and whether it is "ok";
-    report["runtimes"]: "ok" or "skipped (reason)" per runtime; report["ok"]: every row within.
-    """
+    bundle: str
+    inputs: dict[str, int]
+    runtimes: dict[str, str]
+    reference: str
+    rows: list[dict]
+    tasks: dict[str, dict]
+    ok: bool
+
+    def lines(self) -> list[str]:
+        rows = [("graph", "runtime", "output", "abs err", "rel err", "limit", "ok")]
+        rows += [(r["graph"], r["runtime"], r["output"], f"{r['abs']:.1e}", f"{r['rel']:.1e}",
+                  tolerance_text(r["tolerance"]), "yes" if r["ok"] else "NO") for r in self.rows]
+        comparison = ([f"{self.bundle}: worst errors vs {self.reference}:", *aligned(rows, right={3, 4})] if self.rows
+                      else ["nothing to compare: only ONNX Runtime is available here (hashes verified)"])
+        return [*(f"{runtime}: {state}" for runtime, state in self.runtimes.items()), *comparison,
+                *(f"task {name}: {_task_state_text(state)}" for name, state in self.tasks.items())]
+
+    def problems(self) -> list[str]:
+        """One error line per kind of failure, naming the fix; empty when ``ok``."""
+        failed = sorted({f"{r['graph']} on {r['runtime']}" for r in self.rows if not r["ok"]})
+        broken = [name for name, state in self.tasks.items() if not state["usable"]]
+        return ([f"{', '.join(failed)} beyond tolerance; re-export the bundle or rebuild its engines"] if failed else []) + \
+            ([f"task(s) {', '.join(broken)} unavailable (see above); learn them again or remove them with "
+              "`pah-edge tasks remove NAME`"] if broken else [])
+
+
+def _task_state_text(state: dict) -> str:
+    if not state["usable"]:
+        return f"UNAVAILABLE: {state['problem']}"
+    if state["task_free"]:
+        return "ok"
+    return f"task given only: {state['problem'] or 'the bundle has no task-free statistics'}"
+
+
+def verify_bundle(path: Path, *, images: Path | None = None) -> VerifyReport:
+    """Check hashes, run the parity inputs through each runtime, and compare (see `VerifyReport`)."""
     bundle = Bundle.open(path)  # raises BundleError on a hash mismatch of the manifest's files
     tasks = task_states(bundle)
     feeds = _feeds(bundle, [name for name, state in tasks.items() if state["usable"]], images)
@@ -68,9 +106,9 @@ def verify_bundle(path: Path, *, images: Path | None = None) -> dict:
                 ok = not tolerance.violations({output: err})
                 rows.append({"graph": graph, "runtime": runtime, "reference": reference, "output": output, **err,
                              "tolerance": tolerance.to_dict(), "ok": ok})
-    return {"bundle": str(bundle.path), "inputs": {g: len(f) for g, f in feeds.items()}, "runtimes": status,
-            "reference": reference, "rows": rows, "tasks": tasks,
-            "ok": all(r["ok"] for r in rows) and all(t["usable"] for t in tasks.values())}
+    return VerifyReport(bundle=str(bundle.path), inputs={g: len(f) for g, f in feeds.items()}, runtimes=status,
+                        reference=reference, rows=rows, tasks=tasks,
+                        ok=all(r["ok"] for r in rows) and all(t["usable"] for t in tasks.values()))
 
 
 def task_states(bundle: Bundle) -> dict[str, dict]:

@@ -6,7 +6,7 @@ training-side modules that need it, so the device side runs on an install withou
 """
 
 __version__ = "0.1.0"
-__all__ = ["Device", "LearnedTask", "Prediction"]
+__all__ = ["Device", "LearnReport", "Prediction"]
 
 
 def __getattr__(name: str):

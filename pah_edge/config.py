@@ -9,9 +9,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from pah_edge.errors import ConfigError
+from pah_edge.generators import generator_kind, generators_help
+from pah_edge.options import option
 
 METHODS = ("pah", "finetune", "lwf", "joint")
-GENERATORS = ("classwise-linear", "classwise", "task-mlp", "linear-head")
 PROTOTYPE_INITS = ("mean", "random")
 
 
@@ -19,14 +20,14 @@ PROTOTYPE_INITS = ("mean", "random")
 class DataConfig:
     """Where the tasks come from: a built-in benchmark or an ImageFolder root."""
 
-    benchmark: str | None = None
-    folder: str | None = None
-    data_dir: str | None = None
-    num_tasks: int | None = None
-    classes_per_task: int | None = None
-    limit_per_class: int | None = None
+    folder: str | None = option(None, "ImageFolder root: ROOT/<task>/<class>/* or ROOT/<class>/*.", argument=True)
+    benchmark: str | None = option(None, "Built-in benchmark: split-fashion-mnist, mnist-5k, split-cifar100, tiny-imagenet.")
+    data_dir: str | None = option(None, "Where the benchmark's files are (default: its standard place).")
+    num_tasks: int | None = option(None, "Number of tasks (benchmarks).", "--tasks")
+    classes_per_task: int | None = option(None, "Classes per task (benchmarks).")
+    limit_per_class: int | None = option(None, "Use at most N images per class and split (quick runs).")
     val_fraction: float = 0.1
-    download: bool = False
+    download: bool = option(False, "Download the benchmark's archive if it is missing.", "--download")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,38 +36,40 @@ class ModelConfig:
 
     ``prototype_size`` None: the largest side ``s`` with ``channels * s**2 <= D / 2`` (the paper's
     reference is 10). A class-wise generator expresses heads only inside a ``channels * s**2``-dimensional
-    span, so a larger span lets a frozen generator fit unseen classes on the device (measured on novel
-    digits with an ImageNet EfficientNet-Lite0, D = 1280: 256 dimensions 78.2 %, 625 dimensions 81.1 %,
-    linear probe 79.1 %), while a task still stores at most half of a linear head's ``C x D`` floats.
+    span, so a larger span lets a frozen generator fit unseen classes on the device (docs/benchmarks.md,
+    "Learning a new task on the device"), while a task still stores at most half of a linear head's
+    ``C x D`` floats.
     """
 
-    backbone: str = "mobilenet_v3_small"
-    image_size: int | None = None  # None: default_image_size(data)
-    pretrained: bool = False
-    weights: str | None = None
-    generator: str = "classwise-linear"
-    hidden_dim: int | None = None  # None: 256 for classwise, 16 for task-mlp (the paper's)
-    prototype_channels: int = 1
-    prototype_size: int | None = None  # None: auto_prototype_size(D, channels)
-    prototype_init: str = "mean"
+    backbone: str = option("mobilenet_v3_small", "mobilenet_v3_small, mobilenet_v3_large (alias mobilenet_v3), "
+                           "mobilenet_v2, resnet18, efficientnet_lite0, tiny_cnn.")
+    image_size: int | None = option(None, "Input size in px (default: 32 for 28-32 px benchmarks, 64 otherwise).")
+    pretrained: bool = option(False, "Start from ImageNet weights: installed for efficientnet_lite0; torchvision "
+                              "backbones need their file in the torch hub cache (never downloaded).", "--pretrained")
+    weights: str | None = option(None, "Local backbone state dict to start from.")
+    generator: str = option("classwise-linear", f"Hypernetwork: {generators_help()}.")
+    hidden_dim: int | None = option(None, "Generator hidden width (default 256 classwise, 16 task-mlp).")
+    prototype_channels: int = option(1, "Prototype channels: 1 or 3.")
+    prototype_size: int | None = option(None, "Prototype side in px (default: the largest with channels x side^2 <= D/2).")
+    prototype_init: str = option("mean", "mean (class-mean images, the paper's) or random.")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Optimisation and the continual-learning losses (defaults: the paper's reference values)."""
 
-    method: str = "pah"
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 1e-3  # hypernetwork and prototypes
-    backbone_lr: float = 1e-4
+    method: str = option("pah", "pah, finetune (no distillation), lwf (stored heads), joint (upper bound).")
+    epochs: int = option(15, "Epochs per task.")
+    batch_size: int = option(64, "Global batch size (split across torchrun processes).")
+    lr: float = option(1e-3, "Learning rate of hypernetwork and prototypes.")
+    backbone_lr: float = option(1e-4, "Learning rate of the backbone.")
     weight_decay: float = 0.01
-    stability: float = 0.5  # weight of logit distillation on earlier tasks
+    stability: float = option(0.5, "Weight of logit distillation on earlier tasks.")
     temperature: float = 2.0
     proto_distill_weight: float = 1.0
     proto_hard_weight: float = 0.0
-    seed: int = 0
-    device: str = "auto"
+    seed: int = option(0, "Seed for splits, initialisation and shuffling.")
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:N.")
     # A frozen backbone (backbone_lr 0 from trained weights) computes each image's features once and
     # generator and prototypes train on them; False runs it on every batch (same results, slower).
     cache_features: bool = True
@@ -90,7 +93,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     """Validate ``cfg`` and apply what ``method`` implies (e.g. LwF stores a linear head per task)."""
     m, t = cfg.model, cfg.train
     _check_choice("method", t.method, METHODS)
-    _check_choice("generator", m.generator, GENERATORS)
+    generator_kind(m.generator)  # an unknown kind fails here, naming the kinds
     _check_choice("prototype init", m.prototype_init, PROTOTYPE_INITS)
     if (cfg.data.benchmark is None) == (cfg.data.folder is None):
         raise ConfigError("give either --benchmark NAME or an image folder, not both or neither")
@@ -110,7 +113,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     elif t.method == "joint":
         t = dataclasses.replace(t, stability=0.0, proto_distill_weight=0.0)
     if m.hidden_dim is None:
-        m = dataclasses.replace(m, hidden_dim=16 if m.generator == "task-mlp" else 256)
+        m = dataclasses.replace(m, hidden_dim=generator_kind(m.generator).hidden_dim)
     return dataclasses.replace(cfg, model=m, train=t)
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.errors import ConfigError
+from pah_edge.report import Report, percent
 
 log = logging.getLogger("pah_edge")
 
@@ -54,8 +55,55 @@ DEFAULT_EPOCHS = 3
 DEFAULT_LIMIT_PER_CLASS = 200
 
 
+@dataclass(frozen=True, kw_only=True)
+class DemoSummary(Report):
+    """What the main job measured. Accuracies are fractions; ``held_out``: ``{"<source>_<how>":
+    {"accuracy", "images"}}`` for digits / fashion with the task given, task-free and (digits) by
+    the nearest class mean; ``examples``: a few task-free predictions; ``seconds``: per stage (s)."""
+
+    out: str
+    base: dict
+    export: dict
+    new_task: dict
+    old_tasks_unchanged: bool
+    held_out: dict[str, dict]
+    unknown_rate: dict[str, float]
+    examples: list[dict]
+    seconds: dict[str, float]
+
+    def lines(self) -> list[str]:
+        from pah_edge.device.listing import prediction_lines
+
+        def held(key: str) -> str:
+            return f"{percent(self.held_out[key]['accuracy'])} of {self.held_out[key]['images']}"
+
+        base, new = self.base, self.new_task
+        stored, stats = new["bytes_stored"] / 1024, new["stats_bytes_stored"] / 1024
+        return [
+            f"base PAH ({base['backbone']}, {base['weights']}, {base['image_size']} px; {base['tasks']} "
+            f"Split-Fashion-MNIST tasks): average accuracy {percent(base['average_accuracy'])}, "
+            f"forgetting {percent(base['forgetting'])}",
+            f"export: parity with PyTorch OK (worst absolute error {max(self.export['worst_abs_error'].values()):.1e})",
+            f"new task {new['name']!r} learned as on a device ({new['runtime']}, prototypes only): {new['classes']} "
+            f"classes from {sum(new['images'].values())} images in {new['wall_seconds']:.1f} s, "
+            f"train {percent(new['train_accuracy'])}, val {percent(new['val_accuracy'])}; stored "
+            f"{stored + stats:.0f} KB ({stored:.0f} KB prototypes, {stats:.0f} KB task-free statistics)",
+            f"old tasks unchanged: {'yes' if self.old_tasks_unchanged else 'NO'}",
+            f"held-out digits, --task {new['name']}: {held('digits_with_task')} "
+            f"(nearest class mean on the same features: {held('digits_nearest_class_mean')})",
+            f"held-out clothes, their task given: {held('fashion_with_task')}",
+            f"task-free (no task given, over all {base['tasks'] + 1} tasks): digits {held('digits_task_free')}, "
+            f"clothes {held('fashion_task_free')}; called unknown: digits {percent(self.unknown_rate['digits'])}, "
+            f"clothes {percent(self.unknown_rate['fashion'])}",
+            "examples (task-free):",
+            *(f"  {line}" for line in prediction_lines(self.examples)),
+            "seconds per stage: " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in self.seconds.items()),
+            f"summary -> {Path(self.out) / 'summary.json'}",
+        ]
+
+
 def run_demo(out: Path, *, epochs: int = DEFAULT_EPOCHS, limit_per_class: int = DEFAULT_LIMIT_PER_CLASS, force: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True) -> DemoSummary:
     """Run every stage into ``out``; returns the summary also written to ``out/summary.json``.
 
     epochs / limit_per_class: of the base training (per task / per class and split). Accuracies in
@@ -82,27 +130,28 @@ def run_demo(out: Path, *, epochs: int = DEFAULT_EPOCHS, limit_per_class: int = 
     with _timed(seconds, "predict", "5/5 predicting held-out digits and clothes"):
         with Predictor(bundle, runtime=RUNTIME) as predictor:
             predictions = _predict_held_out(predictor, held_out, out / "new_images")
-    summary = {
-        "base": {"benchmark": "split-fashion-mnist", "backbone": BACKBONE, "weights": "ImageNet, frozen",
-                 "image_size": IMAGE_SIZE, "tasks": len(metrics["acc_matrix"]),
-                 "average_accuracy": metrics["average_accuracy"], "forgetting": metrics["forgetting"]},
-        "export": {"parity_ok": True,  # export_bundle raises on a parity failure
-                   "worst_abs_error": {name: max(e["abs"] for e in graph["errors"].values())
-                                       for name, graph in export_report["graphs"].items()}},
-        "new_task": {"name": NEW_TASK, "classes": len(bundle.task(NEW_TASK).class_names), "runtime": RUNTIME,
-                     **{k: learned[k] for k in ("images", "train_accuracy", "val_accuracy", "wall_seconds",
-                                                "bytes_stored", "stats_bytes_stored")},
-                     # getrusage covers this whole process, torch training included: not a device figure.
-                     "process_peak_rss_mb": learned["peak_rss_mb"]},
-        "old_tasks_unchanged": all(bundle.task(name).sha256 == sha for name, sha in old_tasks.items()),
-        "held_out": _accuracies(predictions, held_out, _true_task_rule(bundle)),
+    summary = DemoSummary(
+        out=str(out),
+        base={"benchmark": "split-fashion-mnist", "backbone": BACKBONE, "weights": "ImageNet, frozen",
+              "image_size": IMAGE_SIZE, "tasks": len(metrics["acc_matrix"]),
+              "average_accuracy": metrics["average_accuracy"], "forgetting": metrics["forgetting"]},
+        export={"parity_ok": True,  # export_bundle raises on a parity failure
+                "worst_abs_error": {name: max(e["abs"] for e in graph["errors"].values())
+                                    for name, graph in export_report.graphs.items()}},
+        new_task={"name": NEW_TASK, "classes": len(bundle.task(NEW_TASK).class_names), "runtime": RUNTIME,
+                  **{k: getattr(learned, k) for k in ("images", "train_accuracy", "val_accuracy", "wall_seconds",
+                                                      "bytes_stored", "stats_bytes_stored")},
+                  # getrusage covers this whole process, torch training included: not a device figure.
+                  "process_peak_rss_mb": learned.peak_rss_mb},
+        old_tasks_unchanged=all(bundle.task(name).sha256 == sha for name, sha in old_tasks.items()),
+        held_out=_accuracies(predictions, held_out, _true_task_rule(bundle)),
         # Task-free answers that said "unknown" (a held-out image of a learned class called new).
-        "unknown_rate": {source: float(np.mean([p["known"] is False for p in predictions["task_free"]
-                                                if _source(p, held_out) == source])) for source in ("digits", "fashion")},
-        "examples": _examples(predictions["task_free"], held_out),
-        "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
-    }
-    atomic_write_json(out / "summary.json", summary)
+        unknown_rate={source: float(np.mean([p["known"] is False for p in predictions["task_free"]
+                                             if _source(p, held_out) == source])) for source in ("digits", "fashion")},
+        examples=_examples(predictions["task_free"], held_out),
+        seconds={**seconds, "total": round(sum(seconds.values()), 1)},
+    )
+    atomic_write_json(out / "summary.json", summary.to_dict())
     return summary
 
 

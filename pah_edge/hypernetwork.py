@@ -10,7 +10,7 @@ Every generator maps a task parameter tensor of ``param_shape(C)`` to a head ``[
   starts from the least-squares prototypes of the class-mean head, and old tasks' heads stay exact.
 - ``classwise``: ``w_c = A z_c + MLP(z_c)``; the MLP (last layer zero-initialised) adds a non-linear
   correction on the training tasks but makes the device's problem non-convex and its
-  class-mean start inexact (measured: 2-5 points lower on novel tasks).
+  class-mean start inexact (lower on novel tasks: docs/benchmarks.md, "Learning a new task on the device").
 - ``task-mlp``: the paper's generator. All prototypes of a task, flattened into one vector, through
   a one-hidden-layer MLP; fixed number of classes per task.
 - ``linear-head``: no hypernetwork; the task parameter *is* its ``[C, D]`` head (the LwF baseline).
@@ -19,11 +19,13 @@ Every generator maps a task parameter tensor of ``param_shape(C)`` to a head ``[
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pah_edge.errors import ConfigError
+from pah_edge.generators import generator_kind
 
 
 class Generator(nn.Module):
@@ -76,8 +78,8 @@ class LinearGenerator(PrototypeGenerator):
 
     The fixed ``1 / sqrt(K)`` keeps heads at the scale of an ``A`` initialised with gain
     ``1 / sqrt(K)`` while Adam's steps, of a fixed size per entry, move ``A`` by a few percent instead
-    of ~40 % a step: old tasks' heads drift less between distillation steps (Split-Fashion-MNIST
-    seed 1: forgetting 0.25 instead of 4.70 points, accuracy 97.2 instead of 93.0 %).
+    of ~40 % a step: old tasks' heads drift less between distillation steps (forgetting on
+    Split-Fashion-MNIST: docs/benchmarks.md, "Continual learning on the workstation").
     """
 
     def __init__(self, feature_dim: int, *, channels: int, size: int):
@@ -158,17 +160,17 @@ class LinearHeadGenerator(Generator):
         return grad_head
 
 
+# Per kind (`pah_edge.generators`): (feature_dim, channels, size, hidden_dim, num_classes) -> module.
+FACTORIES: dict[str, Callable[[int, int, int, int, int], Generator]] = {
+    "classwise-linear": lambda d, c, s, h, n: LinearGenerator(d, channels=c, size=s),
+    "classwise": lambda d, c, s, h, n: ClasswiseGenerator(d, channels=c, size=s, hidden_dim=h),
+    "task-mlp": lambda d, c, s, h, n: TaskMLPGenerator(d, channels=c, size=s, hidden_dim=h, num_classes=n),
+    "linear-head": lambda d, c, s, h, n: LinearHeadGenerator(d),
+}
+
+
 def create_generator(kind: str, *, feature_dim: int, channels: int, size: int, hidden_dim: int,
                      num_classes: int) -> Generator:
-    """Build a generator by name; ``num_classes`` matters only for ``task-mlp`` (its fixed task size),
-    ``hidden_dim`` only for ``classwise`` and ``task-mlp``."""
-    if kind == "classwise-linear":
-        return LinearGenerator(feature_dim, channels=channels, size=size)
-    if kind == "classwise":
-        return ClasswiseGenerator(feature_dim, channels=channels, size=size, hidden_dim=hidden_dim)
-    if kind == "task-mlp":
-        return TaskMLPGenerator(feature_dim, channels=channels, size=size, hidden_dim=hidden_dim,
-                                num_classes=num_classes)
-    if kind == "linear-head":
-        return LinearHeadGenerator(feature_dim)
-    raise ConfigError(f"unknown generator '{kind}'; choose one of: classwise-linear, classwise, task-mlp, linear-head")
+    """Build a generator by kind name; ``num_classes`` matters only for ``task-mlp`` (its fixed task
+    size), ``hidden_dim`` only for kinds with a hidden layer."""
+    return FACTORIES[generator_kind(kind).name](feature_dim, channels, size, hidden_dim, num_classes)

@@ -42,7 +42,7 @@ def measured(made):
 
 
 def _row(report, component, runtime, batch, precision="fp32"):
-    (row,) = [r for r in report["results"] if (r["component"], r["runtime"], r["batch"], r["precision"])
+    (row,) = [r for r in report.results if (r["component"], r["runtime"], r["batch"], r["precision"])
               == (component, runtime, batch, precision)]
     return row
 
@@ -52,25 +52,25 @@ def _row(report, component, runtime, batch, precision="fp32"):
 
 def test_rows_have_the_schema_and_sane_values(measured):
     report, json_path, *_ = measured
-    assert json.loads(json_path.read_text()) == report
-    assert set(report) == {"machine", "settings", "results", "skipped"}
-    assert {"cpu", "cores", "gpu", "versions"} <= set(report["machine"])
-    assert "onnxruntime" in report["machine"]["versions"]
-    for row in report["results"]:
+    assert json.loads(json_path.read_text()) == report.to_dict()
+    assert set(report.to_dict()) == {"machine", "settings", "results", "skipped"}
+    assert {"cpu", "cores", "gpu", "versions"} <= set(report.machine)
+    assert "onnxruntime" in report.machine["versions"]
+    for row in report.results:
         assert all(key in row for key in REQUIRED), row
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"], row
         assert row["throughput_ips"] == pytest.approx(row["batch"] * 1000 / row["p50_ms"])
         assert row["rss_mb"] > 0 and row["cv"] >= 0
         assert "device_mem_mb" not in row  # no GPU rows here
-    assert report["settings"]["inputs"] == "synthetic"
+    assert report.settings["inputs"] == "synthetic"
 
 
 def test_every_component_runs_on_onnxruntime_and_the_graphs_on_torch(measured):
     report = measured[0]
-    ran = {(r["component"], r["runtime"]) for r in report["results"]}
+    ran = {(r["component"], r["runtime"]) for r in report.results}
     assert {(c, "onnxruntime") for c in COMPONENTS} <= ran
     assert {(c, "torch") for c in ("backbone", "head-generation", "learner-step")} <= ran
-    assert {r["batch"] for r in report["results"] if r["component"] in ("backbone", "learner-step")} == {1, 4}
+    assert {r["batch"] for r in report.results if r["component"] in ("backbone", "learner-step")} == {1, 4}
     assert _row(report, "predict-e2e", "onnxruntime", 1)["iterations"] == QUICK["iterations"]
     learn = _row(report, "learn-task", "onnxruntime", 80, precision="auto")  # 10 classes x 8 images
     assert learn["runner"] == "onnxruntime-cpu"
@@ -100,7 +100,7 @@ def test_ratios_against_torch_and_the_bare_backbone(measured):
 
 
 def test_skipped_runs_are_listed_with_reasons(measured):
-    skipped = {(s["component"], s["runtime"], s["precision"]): s["reason"] for s in measured[0]["skipped"]}
+    skipped = {(s["component"], s["runtime"], s["precision"]): s["reason"] for s in measured[0].skipped}
     assert skipped[("backbone", "onnxruntime", "int8")] == "no backbone.int8.onnx: run `pah-edge calibrate`"
     assert "TensorRT engine" in skipped[("backbone", "onnxruntime", "fp16")]
     assert "reference" in skipped[("predict-e2e", "torch", None)]
@@ -127,8 +127,8 @@ def test_int8_rows_use_backbone_int8_onnx_and_real_images(made, tmp_path):
     config = BenchConfig(runtimes=("onnxruntime",), precisions=("int8",), batches=(2,), images=query,
                          iterations=2, warmup=0)
     report = run_bench(copy, config)
-    assert report["settings"]["inputs"] == str(query)
-    assert {(r["component"], r["precision"]) for r in report["results"]} == {
+    assert report.settings["inputs"] == str(query)
+    assert {(r["component"], r["precision"]) for r in report.results} == {
         ("backbone", "int8"), ("predict-e2e", "int8"), ("predict-frame", "int8"), ("predict-task-free", "int8"),
         ("head-generation", "fp32"), ("learner-step", "fp32"), ("learn-task", "auto")}
 

@@ -65,7 +65,7 @@ def bundles(runs, tmp_path_factory):
 
 
 def _errors_within(report):
-    for name, graph in report["graphs"].items():
+    for name, graph in report.graphs.items():
         assert not GRAPH_TOLERANCES[name].violations(graph["errors"]), (name, graph["errors"])
 
 
@@ -87,10 +87,10 @@ def test_bundle_holds_graphs_manifest_and_workstation_tasks(runs, bundles):
         file = path / f"{name}.onnx"
         onnx.checker.check_model(onnx.load(str(file)), full_check=True)
         assert manifest["files"][file.name] == sha256_file(file)
-        assert report["graphs"][name]["size_mb"] > 0
-        assert report["graphs"][name]["simplified"] in ("applied", "no change")
+        assert report.graphs[name]["size_mb"] > 0
+        assert report.graphs[name]["simplified"] in ("applied", "no change")
     _errors_within(report)
-    assert (path / "report.json").is_file() and report["tasks_exported"] == report["tasks_in_run"] == 2
+    assert (path / "report.json").is_file() and report.tasks_exported == report.tasks_in_run == 2
 
     state = load_checkpoint(runs["classwise"] / "checkpoint.pt")
     model = model_from_checkpoint(state)
@@ -152,7 +152,7 @@ def test_a_non_linear_generator_learns_on_the_device_from_class_mean_thumbnails(
     for digit in ("digit3", "digit4", "digit5"):
         shutil.copytree(runs["images"] / "b" / digit, folder / digit)
     report = learn_task(Bundle.open(path), folder, name="new", progress=False, max_steps=50)
-    assert report["final_loss"] < report["initial_loss"] and report["train_accuracy"] > 0.5
+    assert report.final_loss < report.initial_loss and report.train_accuracy > 0.5
     assert Bundle.open(path).load_prototypes("new").shape == (3, 1, 8, 8)
 
 
@@ -248,7 +248,7 @@ def test_incomplete_run_exports_its_finished_tasks(runs, tmp_path):
     (tmp_path / "run").mkdir()
     save_checkpoint(tmp_path / "run" / "checkpoint.pt", {k: v for k, v in state.items() if k != "format_version"})
     report = export_bundle(tmp_path / "run", tmp_path / "bundle", simplify=False)
-    assert (report["tasks_exported"], report["tasks_in_run"]) == (1, 2) and "1 of its 2 tasks" in report["note"]
+    assert (report.tasks_exported, report.tasks_in_run) == (1, 2) and "1 of its 2 tasks" in report.note
     assert [t.name for t in Bundle.open(tmp_path / "bundle").tasks()] == ["a"]
 
 

@@ -191,8 +191,8 @@ def test_learn_task_skips_and_counts_every_unreadable_file(made, tmp_path_factor
     bundle = Bundle.open(shutil.copytree(made[0], root / "bundle"))
     report, warned = _logged(caplog, lambda: learn_task(bundle, folder, runtime="onnxruntime-cpu", progress=False,
                                                         max_steps=5))
-    assert report["skipped"] == unreadable
-    assert report["images"]["train"] + report["images"]["val"] == 16 + planted - unreadable
+    assert report.skipped == unreadable
+    assert report.images["train"] + report.images["val"] == 16 + planted - unreadable
     assert warned[0].startswith(f"skipped {unreadable} unreadable"), warned
 
 
@@ -232,5 +232,5 @@ def test_calibrate_skips_and_counts_unreadable_images(made, tmp_path_factory, ca
     record, warned = _logged(caplog, lambda: calibrate_bundle(
         bundle_dir, images, options=QuantizeOptions(target="onnxruntime"), samples=readable, latency_runs=1,
         progress=False))
-    assert record["passed"] and record["options"]["samples"] == readable
+    assert record.passed and record.options["samples"] == readable
     assert warned[0].startswith(f"skipped {unreadable} unreadable"), warned

@@ -3,7 +3,8 @@ import torch
 
 from pah_edge.config import auto_prototype_size
 from pah_edge.errors import ConfigError
-from pah_edge.hypernetwork import create_generator
+from pah_edge.generators import GENERATOR_KINDS
+from pah_edge.hypernetwork import FACTORIES, create_generator
 
 D = 24
 
@@ -86,3 +87,24 @@ def test_vjp_matches_autograd(kind):
     grad_head = torch.randn(3, D, dtype=torch.float64)
     (expected,) = torch.autograd.grad(gen(params), params, grad_head)
     assert torch.allclose(gen.vjp(params.detach(), grad_head), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_every_registered_kind_has_a_module_and_nothing_else_does():
+    assert set(FACTORIES) == set(GENERATOR_KINDS)
+
+
+@pytest.mark.parametrize("kind", [k.name for k in GENERATOR_KINDS.values() if k.prototypes])
+def test_a_kind_is_linear_exactly_when_its_heads_are_linear_in_the_prototypes(kind):
+    gen = _make(kind)
+    with torch.no_grad():
+        for layer in getattr(gen, "mlp", []):  # a trained MLP: the zero-initialised last layer hides it
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.normal_(layer.weight)
+        a, b = torch.randn(2, *gen.param_shape(3))
+        additive = torch.allclose(gen(a + b), gen(a) + gen(b), atol=1e-5)
+    assert additive == GENERATOR_KINDS[kind].linear
+
+
+def test_an_unknown_kind_names_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown generator 'mlp'; choose one of: classwise-linear, classwise"):
+        _make("mlp")

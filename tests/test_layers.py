@@ -7,16 +7,18 @@ time for the commands it runs; this one covers every module, run or not.
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORE = ("atomic", "blas_threads", "bundle", "errors", "figures", "folders", "machine", "preprocess", "progress",
-        "task_free")
+CORE = ("atomic", "blas_threads", "bundle", "errors", "figures", "folders", "generators", "machine", "options",
+        "preprocess", "progress", "report", "task_free")
 WORKSTATION = ("torch", "torchvision", "pah_edge.model", "pah_edge.trainer", "pah_edge.hypernetwork",
                "pah_edge.backbones", "pah_edge.checkpoint", "pah_edge.config", "pah_edge.data", "pah_edge.distributed",
-               "pah_edge.demo", "pah_edge.metrics", "pah_edge.plots", "pah_edge.cli", "pah_edge.export", "export")
+               "pah_edge.demo", "pah_edge.metrics", "pah_edge.plots", "pah_edge.cli", "pah_edge.cli_support",
+               "pah_edge.export", "export")
 # The optional PyTorch reference of `pah-edge bench --runtime torch`: reached only when torch and the
 # source checkpoint are there (next step: the export side registers it, and these two go).
 REFERENCE_HOOKS = {("device/bench.py", "pah_edge.export.verify"), ("device/runtimes/__init__.py", "pah_edge.export.torch_runner")}
@@ -52,3 +54,30 @@ def test_the_contract_sees_a_nested_import(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from pah_edge.data.splits import cut\n    import torch\n")
     assert workstation_imports(module) == [(2, "pah_edge.data.splits"), (3, "torch")]
+
+
+def code_map_paths() -> set[Path]:
+    """Every file the README's "Code map" names. A name with a slash is from the repository root
+    (``dir/`` a whole folder); a bare name (``atomic.py``, ``bench*.py``) is in the folder of the last
+    file named before it in the same cell."""
+    section = (REPO / "README.md").read_text().split("## Code map", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        folder = REPO
+        for item in re.findall(r"`([^`]+)`", row.split("|")[1]):
+            path = REPO / item if "/" in item else folder / item
+            found = set(path.rglob("*.py")) if item.endswith("/") else set(path.parent.glob(path.name))
+            assert found, f"the README's Code map names {item}, which is not in the tree"
+            named |= found
+            if not item.endswith("/"):
+                folder = path.parent
+    return named
+
+
+def test_the_readme_code_map_covers_every_module():
+    modules = {p for d in ("pah_edge", "export", "device", "calibration") for p in (REPO / d).rglob("*.py")
+               if p.name != "__init__.py"}
+    missing = sorted(str(p.relative_to(REPO)) for p in modules - code_map_paths())
+    assert not missing, f"README's Code map does not mention: {missing}"

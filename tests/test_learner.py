@@ -151,7 +151,7 @@ def test_old_tasks_stay_bit_identical(bundle_dir, new_task, exported, mnist_digi
     report = learn_task(bundle, new_task, name="digits", progress=False)
 
     after = _old_task_logits(Bundle.open(bundle_dir), probe)
-    assert set(after) == {"a", "b", "digits"} and report["val_accuracy"] > 0.4
+    assert set(after) == {"a", "b", "digits"} and report.val_accuracy > 0.4
     for name, logits in before.items():
         assert np.array_equal(logits, after[name]), f"task {name!r} changed"
         assert (bundle_dir / f"tasks/{name}.npz").read_bytes() == files_before[name]
@@ -165,7 +165,7 @@ def test_replace_overwrites_the_task(bundle_dir, new_task):
     with pytest.raises(BundleError, match="task 'digits' exists; pass --replace or --name OTHER"):
         learn_task(bundle, new_task, name="digits", progress=False, max_steps=3)
     report = learn_task(bundle, new_task, name="digits", progress=False, replace=True)
-    assert [t.name for t in bundle.tasks()] == ["a", "b", "digits"] and report["steps"] > 3
+    assert [t.name for t in bundle.tasks()] == ["a", "b", "digits"] and report.steps > 3
     stored = sorted(f"tasks/{p.name}" for p in (bundle_dir / "tasks").glob("*.npz"))
     digits = bundle.task("digits")
     assert stored == sorted(["tasks/a.npz", "tasks/a.stats.npz", "tasks/b.npz", "tasks/b.stats.npz", digits.file,
