@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORE = ("atomic", "blas_threads", "bundle", "errors", "figures", "folders", "machine", "preprocess", "progress",
-        "task_free")
+CORE = ("atomic", "blas_threads", "bundle", "bundle_layout", "errors", "figures", "folders", "machine", "preprocess",
+        "progress", "task_free")
 WORKSTATION = ("torch", "torchvision", "pah_edge.model", "pah_edge.trainer", "pah_edge.hypernetwork",
                "pah_edge.backbones", "pah_edge.checkpoint", "pah_edge.config", "pah_edge.data", "pah_edge.distributed",
                "pah_edge.demo", "pah_edge.metrics", "pah_edge.plots", "pah_edge.cli", "pah_edge.export", "export")
