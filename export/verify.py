@@ -11,17 +11,17 @@ Imports no torch at module level: it runs on a device without torch.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from pah_edge.bundle import Bundle, BundleError, sha256_file
+from pah_edge.bundle import Bundle, BundleError
 from pah_edge.bundle_layout import GRAPH_SPECS, engine_graph_and_precision
 from pah_edge.device.runtimes import create_runner
 from pah_edge.errors import PahEdgeError
 from pah_edge.export.onnx_export import GRAPH_TOLERANCES, Tolerance, merge_worst, parity
 from pah_edge.export.parity_inputs import backbone_inputs, learner_step_inputs, prototype_sets
+from pah_edge.export.torch_runner import torch_runners
 
 # Not FP32 parity: bounds that only catch a broken engine (wrong input layout, overflow, bad scales).
 REDUCED_PRECISION_TOLERANCES = {"fp16": Tolerance(rel=5e-2), "int8": Tolerance(rel=0.25)}
@@ -118,41 +118,6 @@ def _run_torch(bundle: Bundle, feeds: dict) -> tuple[dict | None, str]:
         with runner:
             results[graph] = [runner.infer(f) for f in feeds[graph]]
     return results, "ok"
-
-
-def torch_runners(bundle: Bundle, threads: int | None = None) -> tuple[dict | None, str | None]:
-    """({graph: inactive PyTorch runner} of the bundle's source checkpoint, None), or (None, why not).
-
-    The checkpoint counts only while it is where the export found it and unchanged since; torch is
-    imported only when it is installed and the checkpoint is there. ``threads``: torch's intra-op
-    threads (None leaves its default).
-    """
-    if importlib.util.find_spec("torch") is None:
-        return None, "torch is not installed"
-    source = bundle.manifest.get("source_checkpoint") or {}
-    checkpoint = Path(source.get("path", ""))
-    if not source.get("path") or not checkpoint.is_file():
-        return None, f"source checkpoint {checkpoint} is not on this machine"
-    if sha256_file(checkpoint) != source.get("sha256"):
-        return None, f"{checkpoint} changed since the export"
-    import torch
-
-    from pah_edge.checkpoint import load_checkpoint, model_from_checkpoint
-    from pah_edge.export.graphs import LearnerStepGraph
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-    model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
-    modules = {"backbone": model.backbone, "generator": model.generator,
-               "learner_step": LearnerStepGraph(model.generator)}
-    runners = {}
-    for graph, module in modules.items():
-        spec = GRAPH_SPECS[graph]
-        runners[graph] = create_runner("torch", module=module, input_names=spec.input_names,
-                                       output_names=spec.output_names,
-                                       input_specs={t.name: (None, np.dtype(t.dtype)) for t in spec.inputs})
-    return runners, None
 
 
 def _run_engines(bundle: Bundle, feeds: dict) -> dict[str, tuple[dict | None, str, dict]]:
