@@ -86,6 +86,11 @@ def engine_graph_and_precision(engine: str | Path) -> tuple[str, str]:
     return graph, precision
 
 
+def _path(relative: str, doc: str) -> property:
+    """A property: ``relative`` below the layout's root."""
+    return property(lambda layout: layout.root / relative, doc=doc)
+
+
 @dataclass(frozen=True)
 class BundleLayout:
     """The paths of a bundle rooted at ``root``; nothing is read or checked, so the exporter can
@@ -93,55 +98,26 @@ class BundleLayout:
 
     root: Path
 
+    manifest = _path(MANIFEST_NAME, "Immutable after export: shapes, preprocessing, SHA-256 of every graph.")
+    report = _path(REPORT_NAME, "The export's parity report.")
+    tasks_dir = _path(TASKS_DIR, "Each task's prototypes and statistics, and the registry.")
+    registry = _path(REGISTRY_PATH, "The task registry (mutable, written under the lock).")
+    lock = _path(LOCK_NAME, "The file ``Bundle.lock`` holds a flock on.")
+    task_free_record = _path(TASK_FREE_RECORD, "Names the shared task-free state's file and its SHA-256.")
+    int8_backbone = _path(INT8_BACKBONE_NAME, "The calibrated INT8 backbone (Q/DQ ONNX); valid only with a "
+                                              "passing calibration record.")
+    calibration_record = _path(CALIBRATION_NAME, "The installed INT8 model's calibration record.")
+    calibration_rejected = _path(CALIBRATION_REJECTED_NAME, "The report of the latest calibration that failed.")
+    engines_dir = _path(ENGINES_DIR, "TensorRT engines: device-specific, so not hashed in the manifest.")
+    timing_cache = _path(f"{ENGINES_DIR}/{TIMING_CACHE_NAME}", "TensorRT's timing cache, shared by every "
+                                                               "engine build of this bundle.")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / MANIFEST_NAME
-
-    @property
-    def report(self) -> Path:
-        """The export's parity report."""
-        return self.root / REPORT_NAME
 
     def graph(self, name: str) -> Path:
         """Where export writes graph ``name`` (a reader asks the manifest: ``Bundle.graph_path``)."""
         return self.root / GRAPH_SPECS[name].file
-
-    @property
-    def tasks_dir(self) -> Path:
-        return self.root / TASKS_DIR
-
-    @property
-    def registry(self) -> Path:
-        return self.root / REGISTRY_PATH
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK_NAME
-
-    @property
-    def task_free_record(self) -> Path:
-        return self.root / TASK_FREE_RECORD
-
-    @property
-    def int8_backbone(self) -> Path:
-        """The calibrated INT8 backbone (Q/DQ ONNX), valid only with a passing calibration record."""
-        return self.root / INT8_BACKBONE_NAME
-
-    @property
-    def calibration_record(self) -> Path:
-        return self.root / CALIBRATION_NAME
-
-    @property
-    def calibration_rejected(self) -> Path:
-        return self.root / CALIBRATION_REJECTED_NAME
-
-    @property
-    def engines_dir(self) -> Path:
-        """TensorRT engines: device-specific, so not hashed in the manifest and left out of some copies."""
-        return self.root / ENGINES_DIR
 
     def engine(self, precision: str, graph: str = "backbone") -> Path:
         """``engines/<graph>.<precision>.engine``, built or not."""
@@ -150,11 +126,6 @@ class BundleLayout:
     def built_engines(self) -> list[Path]:
         """The engine files in ``engines/``, sorted by name."""
         return sorted(self.engines_dir.glob(f"*{ENGINE_SUFFIX}"))
-
-    @property
-    def timing_cache(self) -> Path:
-        """TensorRT's timing cache, shared by every engine build of this bundle."""
-        return self.engines_dir / TIMING_CACHE_NAME
 
     @classmethod
     def of_engine(cls, engine: str | Path) -> BundleLayout | None:
