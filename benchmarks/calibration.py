@@ -108,13 +108,14 @@ def run(args, work: Path) -> dict:
     calib, new_task = _calibration_and_new_task_images(data, args)
     rows, profiles = [], {}
     for label, path in bundles:
-        evaluation = _eval_images(Bundle.open(path), data / f"eval-{label}", args.eval_per_class)
+        source = Bundle.open(path)
+        evaluation = _eval_images(source, data / f"eval-{label}", args.eval_per_class)
         defaults = [QuantizeOptions(target=t) for t in args.targets]
         configs = defaults + (_sweep(defaults[0]) if label in args.sweep else [])
         for i, options in enumerate(configs):
             copy = work / "runs" / f"{label}-{i}"
             shutil.rmtree(copy, ignore_errors=True)
-            shutil.copytree(path, copy, ignore=shutil.ignore_patterns("engines", "calibration*", "backbone.int8.onnx"))
+            source.scratch_copy(copy, engines=False, int8=False)
             started = time.perf_counter()
             # Installed whatever it loses (the profile needs the model); the target is judged below.
             record = calibrate_bundle(copy, calib, options=options, samples=args.samples, eval_dir=evaluation,
@@ -230,6 +231,7 @@ def imagenet_check(work: Path, args) -> dict:
     from pah_edge.calibration.quantize import int8_onnx_from_fp32
     from pah_edge.calibration.reader import ImageFolderReader
     from pah_edge.device.images import BatchStream
+    from pah_edge.bundle_layout import GRAPH_SPECS
     from pah_edge.export.onnx_export import GRAPH_TOLERANCES, onnx_from_torch
 
     shutil.rmtree(work, ignore_errors=True)
@@ -239,9 +241,10 @@ def imagenet_check(work: Path, args) -> dict:
     calibrate_on, held_out = files[:10], files[10:]
     images = next(iter(BatchStream([(f, 0) for f in held_out], preprocess, len(held_out))))[0]
     fp32 = work / "backbone.onnx"
+    spec = GRAPH_SPECS["backbone"]
     onnx_from_torch(create_backbone("efficientnet_lite0", image_size=BASE_IMAGE_SIZE, pretrained=True),
-                    [torch.from_numpy(images[:1])], fp32, input_names=["images"], output_names=["features"],
-                    dynamic_axes={"images": {0: "N"}, "features": {0: "N"}}, tolerance=GRAPH_TOLERANCES["backbone"])
+                    [torch.from_numpy(images[:1])], fp32, input_names=spec.input_names, output_names=spec.output_names,
+                    dynamic_axes=spec.dynamic_axes({"N"}), tolerance=GRAPH_TOLERANCES["backbone"])
     int8 = work / "backbone.int8.onnx"
     int8_onnx_from_fp32(fp32, int8, ImageFolderReader(calibrate_on, preprocess, samples=len(calibrate_on)),
                         QuantizeOptions(), work)

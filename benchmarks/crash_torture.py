@@ -28,7 +28,6 @@ folders a killed command leaves in $TMPDIR (outside the bundle; calibrate's) are
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -42,7 +41,8 @@ from datetime import date
 from pathlib import Path
 
 from pah_edge.atomic import atomic_write_json
-from pah_edge.bundle import CALIBRATION_NAME, Bundle, BundleError
+from pah_edge.bundle import Bundle, BundleError
+from pah_edge.bundle_layout import BundleLayout
 
 COMMANDS = ("learn-task", "tasks remove", "tasks rename", "calibrate")
 MIN_TASKS, MAX_TASKS = 3, 8  # remove and rename need tasks; learn-task must not grow the bundle without end
@@ -162,7 +162,7 @@ def completed(change: Change, before: dict[str, str], bundle: Path, record_befor
 
 
 def calibration_record(bundle: Path) -> bytes | None:
-    record = bundle / CALIBRATION_NAME
+    record = BundleLayout(bundle).calibration_record
     return record.read_bytes() if record.is_file() else None
 
 
@@ -194,7 +194,8 @@ def keep_task_count(fixture: Fixture, env: dict, step: int) -> None:
 
 def measure(fixture: Fixture, env: dict, scratch: Path) -> dict[str, float]:
     """Each command's uncut wall time (s) on a scratch copy of the bundle."""
-    copy = Fixture(shutil.copytree(fixture.bundle, scratch / "measure"), fixture.new_task, fixture.calib)
+    measured = Bundle.open(fixture.bundle, verify=False).scratch_copy(scratch / "measure").path
+    copy = Fixture(measured, fixture.new_task, fixture.calib)
     durations = {}
     for step, kind in enumerate(COMMANDS):
         change = plan(kind, copy, registered(copy.bundle), step, random.Random(0))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pah_edge.atomic import atomic_write_json
-from pah_edge.bundle import LOCK_NAME, Bundle
+from pah_edge.bundle import Bundle
 from pah_edge.device.bench import BenchConfig, run_bench
 from pah_edge.device.bench_inputs import DEFAULT_CLASSES, prepare_inputs
 from pah_edge.device.learner import learn_task
@@ -81,7 +80,7 @@ def run_acceptance(bundle_dir: Path, work: Path, *, images: Path | None = None, 
     started = time.perf_counter()
     bundle = Bundle.open(bundle_dir)  # BundleError (one line, exit 1) for a missing or altered bundle
     inputs = prepare_inputs(bundle.preprocess, images, work, classes=bundle.fixed_num_classes or DEFAULT_CLASSES)
-    copy = Path(shutil.copytree(bundle.path, work / "bundle", ignore=shutil.ignore_patterns(LOCK_NAME, "engines")))
+    copy = bundle.scratch_copy(work / "bundle", engines=False).path
     trt_problem = tensorrt_problem()
     acc = Acceptance()
 

@@ -223,9 +223,7 @@ def bench_bundle(label: str, path: Path, digits: dict, args, work: Path) -> list
     """Every (C, shots, seed) on a private copy of the bundle at ``path`` (the original is not written)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    copy = work / "bundle"
-    shutil.copytree(path, copy)
-    bundle = Bundle.open(copy)
+    bundle = Bundle.open(path).scratch_copy(work / "bundle")
     dim = bundle.feature_dim
     rows = []
     with backbone_runner(bundle, args.runtime) as backbone, generator_runner(bundle) as generator:
@@ -341,8 +339,7 @@ def rss_check(args, digits: dict, work: Path) -> dict:
         bundle, base = train_base("efficientnet_lite0", work, epochs=1, limit_per_class=3, image_size=RSS_IMAGE_SIZE)
     copy = work / "rss-bundle"
     shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(bundle, copy)
-    size = Bundle.open(copy).preprocess.image_size
+    size = Bundle.open(bundle).scratch_copy(copy).preprocess.image_size
     folder = work / "rss-task"
     shutil.rmtree(folder, ignore_errors=True)
     _write_folder(folder, {n: d["train"][:RSS_IMAGES_PER_CLASS] for n, d in digits.items()})

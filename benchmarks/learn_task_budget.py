@@ -57,7 +57,7 @@ def _digits(folder: Path) -> Path:
 
 def _run(bundle: Path, folder: Path, budget: float, work: Path) -> dict:
     copy = work / f"bundle-{budget:g}"
-    shutil.copytree(bundle, copy)
+    Bundle.open(bundle, verify=False).scratch_copy(copy)
     done = subprocess.run([sys.executable, "-m", "pah_edge.cli", "learn-task", str(folder), "--bundle", str(copy),
                            "--budget-mb", f"{budget:g}", "--json", "--no-progress", "--runtime", "onnxruntime-cpu"],
                           capture_output=True, text=True, check=False)

@@ -27,7 +27,7 @@ from pah_edge.machine import library_versions
 from pah_edge.device.bench_inputs import synthetic_images
 from pah_edge.device.bench_timing import alternating, wall_ms_call
 from pah_edge.device.runtimes import create_runner
-from pah_edge.export.verify import torch_runners
+from pah_edge.export.torch_runner import torch_runners
 from pah_edge.machine import machine_info
 from pah_edge.preprocess import to_input
 

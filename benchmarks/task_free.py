@@ -85,7 +85,7 @@ def bench_seed(base_bundle: Path, digits: dict, fashion: dict, seed: int, shots:
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
-    bundle_dir = shutil.copytree(base_bundle, work / "bundle")
+    bundle_dir = Bundle.open(base_bundle).scratch_copy(work / "bundle").path
     rng = np.random.default_rng(seed)
     letters = _letters(shots + HELD_NEW, rng)
     learn, held = {}, {}

@@ -2,9 +2,8 @@
 
 The bundle changes only at the end, under its lock, with atomic writes:
 
-- passed (every evaluated task loses at most ``max_drop`` points): calibration.json is removed, then
-  ``backbone.int8.onnx`` and a new calibration.json (the record, which holds the model's SHA-256)
-  are written. A crash in between leaves a model without its record, which nothing will run.
+- passed (every evaluated task loses at most ``max_drop`` points): ``Bundle.install_int8`` writes
+  ``backbone.int8.onnx`` and calibration.json (the record, which holds the model's SHA-256).
 - failed: only ``calibration.rejected.json`` (the report) is written; an INT8 model installed by an
   earlier calibration stays as it was, and FP32 remains what every command runs by default.
 
@@ -15,21 +14,19 @@ bundle is touched. Imports onnx and onnxruntime, never torch.
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pah_edge.atomic import atomic_write_bytes, atomic_write_json
-from pah_edge.bundle import (CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_BACKBONE_NAME, LOCK_NAME, Bundle,
-                             sha256_file, utc_now)
+from pah_edge.bundle import LOCK_WAIT_S, Bundle, sha256_file, utc_now
+from pah_edge.bundle_layout import BundleLayout
 from pah_edge.calibration.evaluate import (compare_tasks, eval_task_folders, layer_errors, paired_latency,
                                            size_mb)
 from pah_edge.calibration.quantize import QuantizeOptions, int8_onnx_from_fp32
 from pah_edge.device.images import BatchStream, scan_class_folders, warn_skipped
-from pah_edge.device.learner import LOCK_WAIT_S, learn_task
+from pah_edge.device.learner import learn_task
 from pah_edge.errors import ConfigError, PahEdgeError
 from pah_edge.machine import library_versions
 from pah_edge.progress import progress_bar
@@ -103,14 +100,14 @@ class CalibrationReport(Report):
         if not self.accuracy_checked:
             lines.append("accuracy not checked: no --eval images of registered tasks; --max-drop could not apply")
         if self.passed:
-            lines.append(f"INT8 -> {bundle / self.file} (use it with --precision int8; record in "
-                         f"{bundle / CALIBRATION_NAME})")
+            lines.append(f"INT8 -> {BundleLayout(bundle).int8_backbone} (use it with --precision int8; record in "
+                         f"{BundleLayout(bundle).calibration_record})")
         return lines
 
     def rejection(self, bundle: Path) -> str:
         """The error line of a calibration that lost more than ``max_drop_points``."""
         return (f"INT8 loses {self.worst_drop_points:.2f} points, more than --max-drop {self.max_drop_points:g}; not "
-                f"installed, FP32 stays the default (report in {bundle / CALIBRATION_REJECTED_NAME}). Try "
+                f"installed, FP32 stays the default (report in {BundleLayout(bundle).calibration_rejected}). Try "
                 "--fp32-last, --exclude NODE, another --method or more --samples")
 
 
@@ -157,7 +154,7 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
 
     with tempfile.TemporaryDirectory(prefix="pah-edge-calibrate-") as tmp:
         work = Path(tmp)
-        int8_path = work / INT8_BACKBONE_NAME
+        int8_path = work / bundle.layout.int8_backbone.name
         with progress_bar(progress, "calibration images", samples) as advance:
             reader = ImageFolderReader(files, bundle.preprocess, samples=samples, batch_size=batch_size,
                                        on_images=advance)
@@ -169,7 +166,7 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
         drops = [round(100 * (t["fp32_accuracy"] - t["int8_accuracy"]), 6) for t in measured["tasks"] if t["evaluated"]]
         record = CalibrationReport(
             format_version=RECORD_FORMAT_VERSION,
-            file=INT8_BACKBONE_NAME,
+            file=bundle.layout.int8_backbone.name,
             sha256=sha256_file(int8_path),
             fp32_sha256=bundle.files.get(fp32_path.name),
             created=utc_now(),
@@ -185,9 +182,9 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
         )
         with bundle.lock(lock_wait_s):
             if record.passed:
-                _install(bundle.path, int8_path, record.to_dict())
+                bundle.install_int8(int8_path, record.to_dict())
             else:
-                atomic_write_json(bundle.path / CALIBRATION_REJECTED_NAME, record.to_dict())
+                bundle.reject_int8(record.to_dict())
     return record
 
 
@@ -214,24 +211,13 @@ def _compare(bundle: Bundle, int8_path: Path, prepared: Path, files: list[Path],
             "latency_ms": latency, "latency_threads": threads, "speedup": speedup}
 
 
-def _install(bundle_dir: Path, int8_path: Path, record: dict) -> None:
-    """Model, then record (see the module docstring); a stale rejection report goes last."""
-    (bundle_dir / CALIBRATION_NAME).unlink(missing_ok=True)
-    atomic_write_bytes(bundle_dir / INT8_BACKBONE_NAME, int8_path.read_bytes())
-    atomic_write_json(bundle_dir / CALIBRATION_NAME, record)
-    (bundle_dir / CALIBRATION_REJECTED_NAME).unlink(missing_ok=True)
-
-
 def _new_task_accuracy(bundle: Bundle, folder: str | Path, int8_path: Path, work: Path) -> dict:
     """learn-task on ``folder`` with FP32 and with INT8 features, in a scratch copy of the bundle.
 
     Accuracies are learn-task's own: ``val`` on its held-out 20 % (which also picks the early stop).
     """
-    scratch = work / "bundle"
-    shutil.copytree(bundle.path, scratch, ignore=shutil.ignore_patterns("engines", LOCK_NAME, "calibration*.json"))
-    shutil.copyfile(int8_path, scratch / INT8_BACKBONE_NAME)
-    atomic_write_json(scratch / CALIBRATION_NAME, {"passed": True, "sha256": sha256_file(int8_path)})
-    copy = Bundle.open(scratch)
+    copy = bundle.scratch_copy(work / "bundle", engines=False, int8=False)
+    copy.install_int8(int8_path, {"passed": True, "sha256": sha256_file(int8_path)})
     result = {"folder": str(folder)}
     for precision in ("fp32", "int8"):
         report = learn_task(copy, folder, name=NEW_TASK_NAME, runtime="onnxruntime-cpu", precision=precision,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pah_edge.bundle import Bundle, TaskRecord
-from pah_edge.device.learner import LOCK_WAIT_S, LearnReport, learn_task, learn_task_arrays
+from pah_edge.device.learner import LearnReport, learn_task, learn_task_arrays
 from pah_edge.device.predict import Predictor
 from pah_edge.preprocess import frame_image, load_image
 
@@ -152,10 +152,10 @@ class Device:
 
     def remove_task(self, name: str) -> None:
         """Unregister a task and delete its files (waits for a running learn-task)."""
-        with self.bundle.lock(LOCK_WAIT_S):
+        with self.bundle.lock():
             self.bundle.remove_task(name)
 
     def rename_task(self, old: str, new: str) -> None:
         """Rename a task; its prototypes are unchanged (waits for a running learn-task)."""
-        with self.bundle.lock(LOCK_WAIT_S):
+        with self.bundle.lock():
             self.bundle.rename_task(old, new)

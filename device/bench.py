@@ -24,7 +24,7 @@ from pah_edge.bundle import Bundle
 from pah_edge.device.bench_components import (COMPONENTS, LEARN_TASK_RUNS, PREDICTION, Context, Skipped,
                                               component_precisions, pair_with_torch, skip)
 from pah_edge.device.bench_inputs import DEFAULT_CLASSES, IMAGES_PER_CLASS, prepare_inputs, scratch_bundle
-from pah_edge.device.runtimes import EngineMismatchError, RuntimeUnavailable, available_runtimes
+from pah_edge.device.runtimes import EngineMismatchError, RuntimeUnavailable, available_runtimes, reference_runners
 from pah_edge.errors import ConfigError, PahEdgeError
 from pah_edge.machine import machine_info, reset_peak_rss
 from pah_edge.options import names, whole_numbers
@@ -150,11 +150,10 @@ def _run_runtime(ctx: Context, runtime: str, precisions: tuple[str, ...], rows: 
 
 
 def _start_torch(ctx: Context, threads: int | None) -> str | None:
-    """Load the PyTorch reference runners into ``ctx``; why they cannot run, or None."""
-    from pah_edge.export.verify import torch_runners  # lazy: verify's torch parts import torch
-
+    """Load the PyTorch reference runners (registered by the workstation side) into ``ctx``; why they
+    cannot run, or None."""
     try:
-        runners, why_not = torch_runners(ctx.bundle, threads)
+        runners, why_not = reference_runners("torch", ctx.bundle, threads)
     except (ImportError, OSError) as exc:  # installed but broken, e.g. CUDA libraries that do not match
         return f"torch is installed but cannot be imported ({exc})"
     if runners is None:

@@ -2,9 +2,9 @@
 
 A component is a generator of result rows (and of ``skip`` records for single batches it cannot
 run); it raises :class:`Skipped` when it cannot run at all on that runtime and precision. Graph
-runners come from ``create_runner`` on the bundle's files, so every precision's file is explicit:
-fp32 = ``backbone.onnx``, int8 = ``backbone.int8.onnx`` (``pah-edge calibrate``), TensorRT =
-``engines/backbone.<precision>.engine``. Torch is touched only through ``Context.torch`` runners.
+runners come from ``create_runner`` on the bundle's files (``Bundle.layout``), so every precision's
+file is explicit: fp32 = the exported graph, int8 = the calibrated model (``pah-edge calibrate``),
+TensorRT = the backbone engine of that precision. Torch is touched only through ``Context.torch`` runners.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image
 from pah_edge.bundle import Bundle
 from pah_edge.device.bench_inputs import BENCH_TASK, IMAGES_PER_CLASS, Inputs
 from pah_edge.device.bench_timing import NOISY_CV, alternating, measure, wall_ms_call
-from pah_edge.device.bundle_runners import backbone_engine, max_batch
+from pah_edge.device.bundle_runners import backbone_engine
 from pah_edge.device.learner import learn_task
 from pah_edge.device.api import Device
 from pah_edge.device.runtimes import Runner, create_runner
@@ -30,7 +30,6 @@ from pah_edge.machine import peak_rss_mb, reset_peak_rss
 
 log = logging.getLogger("pah_edge")
 
-INT8_ONNX = "backbone.int8.onnx"
 LEARN_TASK_RUNS = 5  # learn-task takes seconds per run: at most this many timed runs, one warm-up
 PREDICTION = ("predict-e2e", "predict-frame")  # timed against the bare backbone
 DEVICE_PATH = (*PREDICTION, "predict-task-free", "learn-task")  # components that run the device's own code, not one graph
@@ -76,15 +75,16 @@ def graph_runner(ctx: Context, graph: str, runtime: str, precision: str) -> Runn
         return create_runner("onnxruntime-cpu", ctx.bundle.graph_path(graph),
                              threads=1 if graph == "learner_step" else ctx.threads)
     if runtime == "tensorrt":
-        engine = ctx.bundle.path / "engines" / f"backbone.{precision}.engine"
+        engine = ctx.bundle.layout.engine(precision)
         if not engine.is_file():
-            raise Skipped(f"no engines/{engine.name}: build it with {build_command(engine, precision)}")
+            where = engine.relative_to(ctx.bundle.path)
+            raise Skipped(f"no {where}: build it with {build_command(engine, precision)}")
         return create_runner("tensorrt", engine)
     if precision == "fp16":
         raise Skipped("no FP16 ONNX graph for ONNX Runtime CPU: FP16 runs as a TensorRT engine")
-    path = ctx.bundle.graph_path("backbone") if precision == "fp32" else ctx.bundle.path / INT8_ONNX
+    path = ctx.bundle.graph_path("backbone") if precision == "fp32" else ctx.bundle.layout.int8_backbone
     if not path.is_file():
-        raise Skipped(f"no {INT8_ONNX}: run `pah-edge calibrate`")
+        raise Skipped(f"no {path.name}: run `pah-edge calibrate`")
     return create_runner("onnxruntime", path, threads=ctx.threads)
 
 
@@ -172,7 +172,7 @@ def device_mem_mb() -> float:
 def backbone(ctx: Context, runtime: str, precision: str) -> Iterator[dict]:
     """images [N, 3, S, S] -> features [N, D]; N = each --batch."""
     with graph_runner(ctx, "backbone", runtime, precision) as runner:
-        limit = max_batch(runner)
+        limit = runner.max_batch
         for batch in ctx.batches:
             if limit is not None and batch > limit:
                 yield skip("backbone", runtime, precision, f"batch {batch} is beyond the engine's profile (max "
@@ -282,7 +282,7 @@ def learn_task_run(ctx: Context, runtime: str, precision: str | None) -> Iterato
     if runtime == "torch":
         raise Skipped(DEVICE_PATH_ONLY)
     if runtime == "tensorrt" and backbone_engine(ctx.scratch) is None:
-        raise Skipped(f"no TensorRT engine in {ctx.bundle.path / 'engines'}: build one with "
+        raise Skipped(f"no TensorRT engine in {ctx.bundle.layout.engines_dir}: build one with "
                       f"`pah-edge build-engine {ctx.bundle.path}`")
     images = ctx.classes * IMAGES_PER_CLASS
     runner_names = []

@@ -7,14 +7,13 @@ user's bundle is never written. Torch-free.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pah_edge.bundle import LOCK_NAME, Bundle
+from pah_edge.bundle import Bundle
 from pah_edge.device.bundle_runners import backbone_runner
 from pah_edge.device.predict import image_files
 from pah_edge.device.task_stats import features_of_arrays
@@ -107,8 +106,7 @@ def scratch_bundle(bundle: Bundle, work: Path, inputs: Inputs, *, classes: int) 
     learn-task registers tasks and takes the bundle's lock, and prediction needs a task: both happen
     in the copy, so the user's bundle stays byte-identical.
     """
-    copy = Path(shutil.copytree(bundle.path, work / "bundle", ignore=shutil.ignore_patterns(LOCK_NAME)))
-    scratch = Bundle.open(copy, verify=False)  # copied from a bundle that was just verified
+    scratch = bundle.scratch_copy(work / "bundle")
     prototypes = 0.1 * np.random.default_rng(0).standard_normal((classes, *scratch.prototype_shape))
     stats = None
     if scratch.shared_stats() is not None:  # task-free prediction then covers this task as it does any other

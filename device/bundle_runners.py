@@ -5,14 +5,13 @@ Never imports torch. The runners are returned inactive; use them as context mana
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from pah_edge.bundle import CALIBRATION_REJECTED_NAME, Bundle
-from pah_edge.device.runtimes import Runner, RuntimeUnavailable, create_runner, pick_runtime, sidecar_path
+from pah_edge.bundle import Bundle
+from pah_edge.device.runtimes import Runner, RuntimeUnavailable, create_runner, pick_runtime
 from pah_edge.errors import ConfigError, PahEdgeError
 
 log = logging.getLogger("pah_edge")
@@ -27,9 +26,8 @@ ENGINE_PRECISIONS = {"fp32": ("fp16", "fp32"), "int8": ("int8",)}
 
 
 def backbone_engine(bundle: Bundle, precision: str = "fp32") -> Path | None:
-    """``engines/backbone.<p>.engine`` of the fastest engine built for ``precision``, or None."""
-    engines = bundle.path / "engines"
-    return next((e for p in ENGINE_PRECISIONS[precision] if (e := engines / f"backbone.{p}.engine").is_file()), None)
+    """The backbone engine of the fastest precision built for ``precision``, or None."""
+    return next((e for p in ENGINE_PRECISIONS[precision] if (e := bundle.layout.engine(p)).is_file()), None)
 
 
 def backbone_runner(bundle: Bundle, runtime: str = "auto", precision: str = "fp32") -> Runner:
@@ -55,10 +53,10 @@ def backbone_runner(bundle: Bundle, runtime: str = "auto", precision: str = "fp3
         flag = " --precision int8" if precision == "int8" else ""
         fix = f"build one with `pah-edge build-engine {bundle.path}{flag}`"
         if runtime == "tensorrt":
-            raise PahEdgeError(f"no {precision} TensorRT engine in {bundle.path / 'engines'}: {fix}, "
+            raise PahEdgeError(f"no {precision} TensorRT engine in {bundle.layout.engines_dir}: {fix}, "
                                "or pass --runtime onnxruntime")
-        log.info("no %s TensorRT engine in %s, using ONNX Runtime (%s for speed)", precision, bundle.path / "engines",
-                 fix)
+        log.info("no %s TensorRT engine in %s, using ONNX Runtime (%s for speed)", precision,
+                 bundle.layout.engines_dir, fix)
         kind = _best_onnxruntime()
     return create_runner(kind, model)
 
@@ -66,7 +64,7 @@ def backbone_runner(bundle: Bundle, runtime: str = "auto", precision: str = "fp3
 def _int8_model(bundle: Bundle) -> Path:
     model = bundle.int8_backbone_path()
     if model is None:
-        rejected = (bundle.path / CALIBRATION_REJECTED_NAME).is_file()
+        rejected = bundle.layout.calibration_rejected.is_file()
         why = "its last calibration lost more accuracy than --max-drop" if rejected else "it has no INT8 backbone"
         raise PahEdgeError(f"--precision int8: {bundle.path} has no usable INT8 model ({why}); run "
                            f"`pah-edge calibrate {bundle.path} --images DIR`, or use --precision fp32")
@@ -80,20 +78,9 @@ def generator_runner(bundle: Bundle) -> Runner:
     return create_runner("onnxruntime-cpu", bundle.graph_path("generator"))
 
 
-def max_batch(runner: Runner) -> int | None:
-    """The largest batch ``runner`` accepts: a TensorRT engine's profile maximum; None means any."""
-    engine = getattr(runner, "engine_path", None)
-    if engine is None:
-        return None
-    try:
-        return int(json.loads(sidecar_path(engine).read_text())["profile"]["max"][0])
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return 1  # an engine without a readable profile record: the one batch size every profile takes
-
-
 def features(runner: Runner, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Backbone features float32 [N, D] of normalised images [N, 3, S, S], ``batch_size`` at a time."""
-    limit = max_batch(runner)
+    limit = runner.max_batch
     step = max(1, min(batch_size, limit) if limit else batch_size)
     parts = [runner.infer({"images": images[i : i + step]})["features"] for i in range(0, len(images), step)]
     return np.concatenate(parts).astype(np.float32, copy=False)

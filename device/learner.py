@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pah_edge.bundle import Bundle, BundleError, task_name_from, validate_task_name
+from pah_edge.bundle import LOCK_WAIT_S, Bundle, task_name_from, validate_task_name
 from pah_edge.folders import class_rng
 from pah_edge.generators import generator_kind
-from pah_edge.device.bundle_runners import backbone_runner, generator_runner, max_batch
+from pah_edge.device.bundle_runners import backbone_runner, generator_runner
 from pah_edge.device.images import (BatchStream, ClassFolders, FrameStream, check_no_class_empty, scan_class_folders,
                                     warn_ignored, warn_skipped)
 from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_prototypes
@@ -48,7 +48,6 @@ ACTIVATION_FACTOR = 36
 STATS_COPIES = 3  # min(N, D)^2 float64 arrays alive at once while the task-free statistics are computed
 SLACK_MB = 32  # decoded images, the fit's arrays, Python's own growth
 UNBOUNDED_BATCH_MB = 75  # a batch's share without a budget (6 images at 224 px)
-LOCK_WAIT_S = 600.0
 
 
 def batch_size_for(budget_mb: float | None, image_size: int, *, in_use_mb: float = 0.0, images: int = 0,
@@ -278,7 +277,7 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
     _check_options(val_fraction=val_fraction, max_steps=max_steps, lr=lr, weight=weight, patience=patience)
     task = new_task()
     name = validate_task_name(name) if name is not None else task.default_name
-    _check_class_count(bundle, task)
+    bundle.check_class_count(len(task.class_names), task.origin)
     batch_size_for(budget_mb, bundle.preprocess.image_size)  # a malformed budget fails before any model loads
     with ExitStack() as stack:
         # Runners are activated before the lock: a missing engine or runtime fails with the bundle untouched.
@@ -291,10 +290,9 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
         # Measured once the models are loaded: the budget is the process's peak RSS, all of it.
         batch = batch_size_for(budget_mb, bundle.preprocess.image_size, in_use_mb=current_rss_mb(),
                                images=len(task.labels), feature_dim=bundle.feature_dim)
-        batch = min(batch, max_batch(backbone) or batch)
+        batch = min(batch, backbone.max_batch or batch)
         stack.enter_context(bundle.lock(lock_wait_s))
-        if not replace and any(t.name == name for t in bundle.tasks()):
-            raise BundleError(f"task {name!r} exists; pass --replace or --name OTHER")
+        bundle.check_name_free(name, replace=replace)
         if task.folders is not None:
             warn_ignored(task.folders)
         log.info("extracting features of %d images on %s, batch %d", len(task.labels), backbone.name, batch)
@@ -380,13 +378,6 @@ def _starting_point(bundle: Bundle, generator: Runner, extracted: Features, clas
 def _starts_from_features(bundle: Bundle) -> bool:
     """Linear generators start from the class-mean classifier; the others from class-mean thumbnails."""
     return generator_kind(bundle.generator_kind).linear
-
-
-def _check_class_count(bundle: Bundle, task: NewTask) -> None:
-    fixed, classes = bundle.fixed_num_classes, len(task.class_names)
-    if fixed is not None and classes != fixed:
-        raise BundleError(f"this bundle's task-mlp generator takes exactly {fixed} classes per task, {task.origin} "
-                          f"has {classes}; give it {fixed} classes")
 
 
 def _check_options(*, val_fraction: float, max_steps: int, lr: float, weight: float, patience: int) -> None:

@@ -20,8 +20,8 @@ import torch
 
 from pah_edge.atomic import fsync_dir, atomic_write_json
 from pah_edge.backbones import canonical_backbone_name
-from pah_edge.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME, Bundle, sha256_file,
-                             task_name_from, utc_now)
+from pah_edge.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, Bundle, sha256_file, task_name_from, utc_now
+from pah_edge.bundle_layout import GRAPH_SPECS, BundleLayout
 from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from pah_edge.config import RunConfig
 from pah_edge.device.task_stats import TaskFreeReport, install_task_free
@@ -78,16 +78,17 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = 17, simplify:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        graphs = _export_graphs(model, preprocess, tasks, tmp, opset=opset, simplify=simplify, images=images)
+        layout = BundleLayout(tmp)
+        graphs = _export_graphs(model, preprocess, tasks, layout, opset=opset, simplify=simplify, images=images)
         manifest = _manifest(cfg, state, model, preprocess, graphs, ckpt_path, opset)
-        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        atomic_write_json(layout.manifest, manifest)
         bundle = Bundle.open(tmp)
         for task in tasks:
             bundle.add_task(name=task["name"], class_names=task["class_names"], prototypes=task["prototypes"],
                             images_seen=task["images_seen"], accuracy=task["accuracy"], source="workstation")
         task_free = _task_free(bundle, cfg, preprocess, stats_per_class, progress, out_dir)
         report = _report(out_dir, ckpt_path, state, manifest, graphs, tasks, images, task_free)
-        atomic_write_json(tmp / "report.json", report.to_dict())
+        atomic_write_json(layout.report, report.to_dict())
         _move_into_place(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,7 +152,7 @@ def newest_run(runs_dir: Path, backbone: str) -> Path:
 def _check_destination(out_dir: Path, force: bool) -> None:
     if not out_dir.exists():
         return
-    if (out_dir / MANIFEST_NAME).is_file():
+    if BundleLayout(out_dir).manifest.is_file():
         if not force:
             raise ExportError(f"{out_dir} already holds a bundle; pass --force to replace it "
                               "(its task registry goes with it) or choose another --out")
@@ -188,7 +189,7 @@ def _workstation_tasks(state: dict, model: PAHModel) -> list[dict]:
     return tasks
 
 
-def _export_graphs(model: PAHModel, preprocess: Preprocess, tasks: list[dict], out: Path, *, opset: int,
+def _export_graphs(model: PAHModel, preprocess: Preprocess, tasks: list[dict], out: BundleLayout, *, opset: int,
                    simplify: bool, images: Path | None) -> dict[str, OnnxGraph]:
     """Export backbone, generator and learner step into ``out``, each checked on the parity inputs."""
     generator = model.generator
@@ -198,27 +199,25 @@ def _export_graphs(model: PAHModel, preprocess: Preprocess, tasks: list[dict], o
     shape = (generator.channels, generator.size, generator.size)
     proto_sets = [a for _, a in prototype_sets(task_protos, shape, fixed)]
     backbone = model.backbone.eval()
-    features = np.concatenate([torch_outputs(backbone, (x,), ["features"])["features"] for x in images_in])
+    (feature_name,) = GRAPH_SPECS["backbone"].output_names
+    features = np.concatenate([torch_outputs(backbone, (x,), [feature_name])[feature_name] for x in images_in])
     steps = [tuple(map(torch.from_numpy, batch)) for batch in learner_step_inputs(proto_sets, features)]
     proto_sets = [torch.from_numpy(p) for p in proto_sets]
-    class_axis = {0: "C"} if fixed is None else {}
-    common = {"opset": opset, "simplify": simplify}
-    return {
-        "backbone": onnx_from_torch(
-            backbone, (images_in[0],), out / GRAPH_FILES["backbone"],
-            input_names=["images"], output_names=["features"], dynamic_axes={"images": {0: "N"}, "features": {0: "N"}},
-            tolerance=GRAPH_TOLERANCES["backbone"], check_inputs=[(x,) for x in images_in[1:]], **common),
-        "generator": onnx_from_torch(
-            generator, (proto_sets[0],), out / GRAPH_FILES["generator"],
-            input_names=["prototypes"], output_names=["head"],
-            dynamic_axes={"prototypes": class_axis, "head": class_axis},
-            tolerance=GRAPH_TOLERANCES["generator"], check_inputs=[(p,) for p in proto_sets[1:]], **common),
-        "learner_step": onnx_from_torch(
-            LearnerStepGraph(generator), steps[0], out / GRAPH_FILES["learner_step"],
-            input_names=["prototypes", "features", "labels"], output_names=["loss", "grad"],
-            dynamic_axes={"prototypes": class_axis, "features": {0: "N"}, "labels": {0: "N"}, "grad": class_axis},
-            tolerance=GRAPH_TOLERANCES["learner_step"], check_inputs=steps[1:], **common),
+    # Images per batch always vary; classes per task unless a task-mlp generator fixes them.
+    dynamic = {"N"} if fixed is not None else {"N", "C"}
+    modules_and_inputs = {
+        "backbone": (backbone, [(x,) for x in images_in]),
+        "generator": (generator, [(p,) for p in proto_sets]),
+        "learner_step": (LearnerStepGraph(generator), steps),
     }
+    graphs = {}
+    for name, spec in GRAPH_SPECS.items():
+        module, inputs = modules_and_inputs[name]
+        graphs[name] = onnx_from_torch(module, inputs[0], out.graph(name), input_names=spec.input_names,
+                                       output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(dynamic),
+                                       tolerance=GRAPH_TOLERANCES[name], check_inputs=inputs[1:], opset=opset,
+                                       simplify=simplify)
+    return graphs
 
 
 def _fixed_num_classes(generator) -> int | None:
@@ -235,12 +234,7 @@ def _manifest(cfg: RunConfig, state: dict, model: PAHModel, preprocess: Preproce
     fixed = _fixed_num_classes(generator)
     size, dim = preprocess.image_size, model.backbone.feature_dim
     proto = [generator.channels, generator.size, generator.size]
-    shapes = {
-        "backbone": ({"images": [None, 3, size, size]}, {"features": [None, dim]}),
-        "generator": ({"prototypes": [fixed, *proto]}, {"head": [fixed, dim]}),
-        "learner_step": ({"prototypes": [fixed, *proto], "features": [None, dim], "labels": [None]},
-                         {"loss": [], "grad": [fixed, *proto]}),
-    }
+    sizes = {"N": None, "C": fixed, "S": size, "D": dim, "c": generator.channels, "s": generator.size}
     return {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -252,8 +246,7 @@ def _manifest(cfg: RunConfig, state: dict, model: PAHModel, preprocess: Preproce
         "prototype_shape": proto,
         "generator": {"kind": cfg.model.generator, "num_classes": fixed},
         "opset": opset,
-        "graphs": {name: {"file": GRAPH_FILES[name], "inputs": ins, "outputs": outs}
-                   for name, (ins, outs) in shapes.items()},
+        "graphs": {name: spec.manifest_entry(sizes) for name, spec in GRAPH_SPECS.items()},
         "files": {g.path.name: sha256_file(g.path) for g in graphs.values()},
         "training": _training_metrics(ckpt_path, state),
         "versions": library_versions("onnxslim", "onnxscript"),
@@ -336,7 +329,7 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
     _check_destination(out_dir, force)  # again: another export may have finished meanwhile
     old = None
     if out_dir.exists():
-        if (out_dir / MANIFEST_NAME).is_file():
+        if BundleLayout(out_dir).manifest.is_file():
             old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old)  # onto the empty placeholder directory
         else:

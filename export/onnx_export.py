@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pah_edge.bundle_layout import GRAPH_SPECS
 from pah_edge.errors import PahEdgeError
 
 if TYPE_CHECKING:
@@ -62,12 +63,9 @@ def tolerance_text(tolerance: Mapping[str, float | None]) -> str:
     return " or ".join(f"{kind}<{limit:.0e}" for kind, limit in tolerance.items() if limit is not None)
 
 
-# The export's FP32 contract, per graph; `pah-edge verify` holds runtimes to the same numbers.
-GRAPH_TOLERANCES = {
-    "backbone": Tolerance(abs=1e-4, rel=1e-4),
-    "generator": Tolerance(abs=1e-5),
-    "learner_step": Tolerance(rel=1e-4),
-}
+# The export's FP32 contract, per graph (the bundle's graph specs); `pah-edge verify` holds runtimes to it.
+GRAPH_TOLERANCES = {name: Tolerance(abs=spec.abs_tolerance, rel=spec.rel_tolerance)
+                    for name, spec in GRAPH_SPECS.items()}
 
 
 def parity(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:

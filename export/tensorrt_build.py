@@ -23,7 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pah_edge.atomic import atomic_write_bytes, atomic_write_json
-from pah_edge.bundle import MANIFEST_NAME, Bundle
+from pah_edge.bundle import Bundle
+from pah_edge.bundle_layout import TIMING_CACHE_NAME, BundleLayout
 from pah_edge.device.runtimes.tensorrt import gpu_identity, load_tensorrt, sidecar_path
 from pah_edge.errors import PahEdgeError
 
@@ -41,14 +42,15 @@ def _check_precision(precision: str) -> None:
 
 def backbone_onnx(bundle_dir: Path, precision: str) -> Path:
     """The bundle's ONNX backbone that a ``precision`` engine is built from."""
-    bundle_dir = Path(bundle_dir)
+    layout = BundleLayout(bundle_dir)
+    bundle_dir = layout.root
     if precision == "int8":
-        path = bundle_dir / "backbone.int8.onnx"
+        path = layout.int8_backbone
         if not path.is_file():
             raise TensorRTBuildError(
                 f"no INT8 model in {bundle_dir}: run `pah-edge calibrate {bundle_dir} --images DIR` first"
             )
-        if (bundle_dir / MANIFEST_NAME).is_file():
+        if layout.manifest.is_file():
             # BundleError unless its record vouches for the file.
             target = Bundle.open(bundle_dir, verify=False).int8_target()
             if target not in (None, "tensorrt"):
@@ -57,9 +59,9 @@ def backbone_onnx(bundle_dir: Path, precision: str) -> Path:
                     f"cannot build): run `pah-edge calibrate {bundle_dir} --images DIR --target tensorrt`"
                 )
         return path
-    path = bundle_dir / "backbone.onnx"
+    path = layout.graph("backbone")
     if not path.is_file():
-        raise TensorRTBuildError(f"no backbone.onnx in {bundle_dir}: export a bundle there with `pah-edge export`")
+        raise TensorRTBuildError(f"no {path.name} in {bundle_dir}: export a bundle there with `pah-edge export`")
     return path
 
 
@@ -68,14 +70,15 @@ def build_engines(
 ) -> list[Path]:
     """Build the backbone engine for ``precision`` over batch sizes ``(min, opt, max)``; returns its path.
 
-    Reuses (and updates) ``<bundle>/engines/timing.cache``, which makes rebuilds much faster.
+    The engine goes to ``BundleLayout.engine``; reuses (and updates) the bundle's timing cache
+    (``engines/timing.cache``), which makes rebuilds much faster.
     """
     _check_precision(precision)
     onnx_path = backbone_onnx(bundle_dir, precision)
     if len(batches) != 3:
         raise TensorRTBuildError(f"batches must be (min, opt, max); got {tuple(batches)}")
-    engines = Path(bundle_dir) / "engines"
-    engine_path = engines / f"backbone.{precision}.engine"
+    layout = BundleLayout(bundle_dir)
+    engine_path = layout.engine(precision)
     low, opt, high = batches
     engine_from_onnx(
         onnx_path,
@@ -85,7 +88,7 @@ def build_engines(
         opt_batch=opt,
         max_batch=high,
         workspace_mb=workspace_mb,
-        timing_cache=engines / "timing.cache",
+        timing_cache=layout.timing_cache,
     )
     return [engine_path]
 
@@ -118,7 +121,7 @@ def engine_from_onnx(
         raise TensorRTBuildError(f"workspace must be a positive number of MB; got {workspace_mb}")
     if not onnx_path.is_file():
         raise TensorRTBuildError(f"no ONNX model at {onnx_path}: export a bundle with `pah-edge export`")
-    timing_cache = Path(timing_cache) if timing_cache is not None else engine_path.parent / "timing.cache"
+    timing_cache = Path(timing_cache) if timing_cache is not None else engine_path.parent / TIMING_CACHE_NAME
     trt, cuda = load_tensorrt()
 
     strongly_typed = int(trt.__version__.split(".")[0]) >= 11

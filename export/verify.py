@@ -1,37 +1,32 @@
 """``pah-edge verify``: the same inputs through every runtime at hand, worst errors per graph and pair.
 
 ONNX Runtime (CPU) always runs. PyTorch is the reference when torch is installed and the bundle's
-source checkpoint is still where the export found it, unchanged; TensorRT runs each engine in
-``engines/`` when TensorRT and a GPU are present. Pairs are judged against the export's FP32
+source checkpoint is still where the export found it, unchanged; TensorRT runs each engine the
+bundle holds when TensorRT and a GPU are present. Pairs are judged against the export's FP32
 tolerances (``GRAPH_TOLERANCES``); FP16 and INT8 engines only against loose sanity bounds, since
 reduced precision cannot meet FP32 numbers.
 
-Imports numpy only at module level: it runs on a device without torch.
+Imports no torch at module level: it runs on a device without torch.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pah_edge.bundle import Bundle, BundleError, sha256_file
+from pah_edge.bundle import Bundle, BundleError
+from pah_edge.bundle_layout import GRAPH_SPECS, engine_graph_and_precision
+from pah_edge.device.runtimes import create_runner
 from pah_edge.errors import PahEdgeError
 from pah_edge.export.onnx_export import GRAPH_TOLERANCES, Tolerance, merge_worst, parity, tolerance_text
 from pah_edge.export.parity_inputs import backbone_inputs, learner_step_inputs, prototype_sets
+from pah_edge.export.torch_runner import torch_runners
 from pah_edge.report import Report, aligned
 
 # Not FP32 parity: bounds that only catch a broken engine (wrong input layout, overflow, bad scales).
 REDUCED_PRECISION_TOLERANCES = {"fp16": Tolerance(rel=5e-2), "int8": Tolerance(rel=0.25)}
-
-IO_NAMES = {
-    "backbone": (["images"], ["features"]),
-    "generator": (["prototypes"], ["head"]),
-    "learner_step": (["prototypes", "features", "labels"], ["loss", "grad"]),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,19 +131,17 @@ def _feeds(bundle: Bundle, task_names: list[str], images: Path | None) -> dict[s
     image_batches = [a for _, a in backbone_inputs(bundle.preprocess, tasks, images)]
     proto_sets = [a for _, a in prototype_sets(tasks, bundle.prototype_shape, bundle.fixed_num_classes)]
     # The learner step needs features; ONNX Runtime's are the ones every runtime can reproduce.
-    backbone = _run_onnxruntime(bundle.graph_path("backbone"), [{"images": x} for x in image_batches])
-    features = np.concatenate([o["features"] for o in backbone])
+    backbone = [{"images": x} for x in image_batches]
+    features = np.concatenate([o["features"] for o in _run_onnxruntime(bundle.graph_path("backbone"), backbone)])
     return {
-        "backbone": [{"images": x} for x in image_batches],
+        "backbone": backbone,
         "generator": [{"prototypes": p} for p in proto_sets],
-        "learner_step": [dict(zip(IO_NAMES["learner_step"][0], batch))
+        "learner_step": [dict(zip(GRAPH_SPECS["learner_step"].input_names, batch))
                          for batch in learner_step_inputs(proto_sets, features)],
     }
 
 
 def _run_onnxruntime(graph: Path, feeds: list[dict]) -> list[dict]:
-    from pah_edge.device.runtimes import create_runner
-
     with create_runner("onnxruntime-cpu", graph) as runner:
         return [runner.infer(f) for f in feeds]
 
@@ -165,52 +158,14 @@ def _run_torch(bundle: Bundle, feeds: dict) -> tuple[dict | None, str]:
     return results, "ok"
 
 
-def torch_runners(bundle: Bundle, threads: int | None = None) -> tuple[dict | None, str | None]:
-    """({graph: inactive PyTorch runner} of the bundle's source checkpoint, None), or (None, why not).
-
-    The checkpoint counts only while it is where the export found it and unchanged since; torch is
-    imported only when it is installed and the checkpoint is there. ``threads``: torch's intra-op
-    threads (None leaves its default).
-    """
-    if importlib.util.find_spec("torch") is None:
-        return None, "torch is not installed"
-    source = bundle.manifest.get("source_checkpoint") or {}
-    checkpoint = Path(source.get("path", ""))
-    if not source.get("path") or not checkpoint.is_file():
-        return None, f"source checkpoint {checkpoint} is not on this machine"
-    if sha256_file(checkpoint) != source.get("sha256"):
-        return None, f"{checkpoint} changed since the export"
-    import torch
-
-    from pah_edge.checkpoint import load_checkpoint, model_from_checkpoint
-    from pah_edge.device.runtimes import create_runner
-    from pah_edge.export.graphs import LearnerStepGraph
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-    model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
-    modules = {"backbone": model.backbone, "generator": model.generator,
-               "learner_step": LearnerStepGraph(model.generator)}
-    runners = {}
-    for graph, module in modules.items():
-        inputs, outputs = IO_NAMES[graph]
-        specs = {n: (None, np.dtype(np.int64 if n == "labels" else np.float32)) for n in inputs}
-        runners[graph] = create_runner("torch", module=module, input_names=inputs, output_names=outputs,
-                                       input_specs=specs)
-    return runners, None
-
-
 def _run_engines(bundle: Bundle, feeds: dict) -> dict[str, tuple[dict | None, str, dict]]:
-    """Per engine ``engines/<graph>.<precision>.engine``: (outputs, status, tolerance per graph)."""
-    engines = sorted((bundle.path / "engines").glob("*.engine"))
+    """Per engine ``<graph>.<precision>.engine``: (outputs, status, tolerance per graph)."""
+    engines = bundle.layout.built_engines()
     if not engines:
-        return {"tensorrt": (None, f"skipped (no engines in {bundle.path / 'engines'})", {})}
-    from pah_edge.device.runtimes import create_runner
-
+        return {"tensorrt": (None, f"skipped (no engines in {bundle.layout.engines_dir})", {})}
     results = {}
     for engine in engines:
-        graph, _, precision = engine.name.removesuffix(".engine").partition(".")
+        graph, precision = engine_graph_and_precision(engine)
         name = f"tensorrt-{precision or 'engine'}"
         if graph not in feeds:
             results[name] = (None, f"skipped ({engine.name} is not an engine of a bundle graph)", {})
@@ -218,8 +173,7 @@ def _run_engines(bundle: Bundle, feeds: dict) -> dict[str, tuple[dict | None, st
         tolerance = REDUCED_PRECISION_TOLERANCES.get(precision, GRAPH_TOLERANCES[graph])
         try:
             with create_runner("tensorrt", engine) as runner:
-                max_batch = _max_batch(engine)
-                outs = [_infer_in_chunks(runner, f, max_batch) for f in feeds[graph]]
+                outs = [_infer_in_chunks(runner, f) for f in feeds[graph]]
         except (ImportError, PahEdgeError) as exc:
             results[name] = (None, f"skipped ({exc})", {})
             continue
@@ -227,18 +181,9 @@ def _run_engines(bundle: Bundle, feeds: dict) -> dict[str, tuple[dict | None, st
     return results
 
 
-def _max_batch(engine: Path) -> int:
-    """The engine profile's largest batch, from its build record (1 when unknown)."""
-    from pah_edge.device.runtimes import sidecar_path
-
-    try:
-        return int(json.loads(sidecar_path(engine).read_text())["profile"]["max"][0])
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return 1
-
-
-def _infer_in_chunks(runner, feeds: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
+def _infer_in_chunks(runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Batches beyond the engine's profile run in slices along the first axis, then are joined."""
+    max_batch = runner.max_batch
     n = len(next(iter(feeds.values())))
     parts = [runner.infer({k: v[i : i + max_batch] for k, v in feeds.items()}) for i in range(0, n, max_batch)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

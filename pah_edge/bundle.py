@@ -12,12 +12,13 @@ Layout of a bundle directory::
     tasks/<name>.stats.npz the task's feature statistics for task-free prediction (pah_edge.task_free)
     task_free.<sha>.npz    the shared task-free state (centring mean, scatter, novelty threshold)
     task_free.json         names that file and its SHA-256; written after it
-    engines/               TensorRT engines; device-specific, so not hashed in the manifest
+    engines/               TensorRT engines <graph>.<precision>.engine; device-specific, so not hashed in the manifest
     backbone.int8.onnx     optional, from `pah-edge calibrate`: the backbone with Q/DQ INT8 nodes
     calibration.json       its record (settings, accuracy report, SHA-256); written after the model
     calibration.rejected.json  the report of the latest calibration that failed --max-drop (no model)
 
-Imports numpy, never torch: the device reads and extends bundles with this module. Every write is
+The file names and paths are ``pah_edge.bundle_layout``'s (``Bundle.layout``). Imports numpy,
+never torch: the device reads and extends bundles with this module. Every write is
 atomic (``pah_edge.atomic``); a task's file is written before the registry entry that names it, so
 a crash leaves at worst an unreferenced file, never an entry without its file.
 """
@@ -32,6 +33,7 @@ import logging
 import os
 import re
 import dataclasses
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -41,6 +43,8 @@ from typing import Any
 import numpy as np
 
 from pah_edge.atomic import atomic_write_bytes, atomic_write_json
+from pah_edge.bundle_layout import (CALIBRATION_NAME, INT8_BACKBONE_NAME, MANIFEST_NAME, REGISTRY_PATH, TASKS_DIR,
+                                    BundleLayout)
 from pah_edge.errors import PahEdgeError, StorageError
 from pah_edge.preprocess import Preprocess
 from pah_edge.task_free import SharedStats, TaskStats
@@ -48,16 +52,11 @@ from pah_edge.task_free import SharedStats, TaskStats
 BUNDLE_FORMAT = "pah-edge-bundle"
 BUNDLE_FORMAT_VERSION = 1
 REGISTRY_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-REGISTRY_PATH = "tasks/registry.json"
-GRAPH_NAMES = ("backbone", "generator", "learner_step")
 TASK_SOURCES = ("workstation", "device")
 PROTOTYPES_KEY = "prototypes"
-LOCK_NAME = ".lock"
-INT8_BACKBONE_NAME = "backbone.int8.onnx"
-CALIBRATION_NAME = "calibration.json"
-CALIBRATION_REJECTED_NAME = "calibration.rejected.json"  # the report of a calibration that failed --max-drop
-TASK_FREE_RECORD = "task_free.json"
+# How long a change to a bundle's tasks or INT8 model waits (s) for another process holding the lock:
+# learn-task takes minutes on a small device, and a second one should queue rather than fail.
+LOCK_WAIT_S = 600.0
 
 log = logging.getLogger("pah_edge")
 
@@ -140,6 +139,7 @@ class Bundle:
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = path
+        self.layout = BundleLayout(path)
         self.manifest = manifest
         self.preprocess = Preprocess.from_dict(manifest["preprocess"])
         self.feature_dim: int = int(manifest["feature_dim"])
@@ -157,7 +157,7 @@ class Bundle:
     def open(cls, path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         """Read ``path``'s manifest; ``verify`` also checks every graph file against its SHA-256."""
         path = Path(path)
-        manifest_path = path / MANIFEST_NAME
+        manifest_path = BundleLayout(path).manifest
         if not manifest_path.is_file():
             what = "no bundle" if not path.exists() else "no manifest.json"
             raise BundleError(f"{what} at {path}: run `pah-edge export` first")
@@ -182,7 +182,7 @@ class Bundle:
                                   "re-export the bundle")
 
     def graph_path(self, name: str) -> Path:
-        """Path of the ONNX graph ``name``: one of backbone, generator, learner_step."""
+        """Path of the ONNX graph ``name`` (a key of ``GRAPH_SPECS``), as the manifest names it."""
         graphs = self.manifest["graphs"]
         if name not in graphs:
             raise BundleError(f"no graph {name!r} in {self.path}; choose one of: {', '.join(graphs)}")
@@ -215,7 +215,7 @@ class Bundle:
 
     def _installed_int8(self) -> tuple[Path, dict] | None:
         """(model, calibration record) of the installed INT8 model, checked as ``int8_backbone_path`` says."""
-        model, record_path = self.path / INT8_BACKBONE_NAME, self.path / CALIBRATION_NAME
+        model, record_path = self.layout.int8_backbone, self.layout.calibration_record
         fix = f"run `pah-edge calibrate {self.path} --images DIR` again"
         if not record_path.is_file():
             if model.is_file():
@@ -232,8 +232,35 @@ class Bundle:
                               f"corrupt); {fix}")
         return model, record
 
+    def install_int8(self, model: Path, record: dict[str, Any]) -> None:
+        """Install the INT8 backbone ``model`` (copied) with its calibration ``record``, which must hold
+        ``passed`` and the model's ``sha256``. The old record goes first, then the model, the new
+        record and a stale rejection report: a crash in between leaves a model without its record,
+        which nothing runs. Hold :meth:`lock` on a bundle others use."""
+        self.layout.calibration_record.unlink(missing_ok=True)
+        atomic_write_bytes(self.layout.int8_backbone, Path(model).read_bytes())
+        atomic_write_json(self.layout.calibration_record, record)
+        self.layout.calibration_rejected.unlink(missing_ok=True)
+
+    def reject_int8(self, record: dict[str, Any]) -> None:
+        """Keep the report of a calibration that failed its --max-drop; an installed INT8 model stays."""
+        atomic_write_json(self.layout.calibration_rejected, record)
+
+    def scratch_copy(self, dest: str | os.PathLike, *, engines: bool = True, int8: bool = True) -> Bundle:
+        """A private copy of this bundle at ``dest`` (which must not exist), to change freely.
+
+        The lock file never travels (the copy has its own). ``engines=False`` leaves out the TensorRT
+        engines (device-specific and large); ``int8=False`` the INT8 model and both calibration
+        records. The copy is opened without hashing its graphs again: they are this bundle's.
+        """
+        layout = self.layout
+        left_out = {layout.lock, *(() if engines else (layout.engines_dir,)),
+                    *(() if int8 else (layout.int8_backbone, layout.calibration_record, layout.calibration_rejected))}
+        shutil.copytree(self.path, dest, ignore=lambda folder, names: [n for n in names if Path(folder, n) in left_out])
+        return Bundle.open(dest, verify=False)
+
     @contextlib.contextmanager
-    def lock(self, wait_s: float | None = None):
+    def lock(self, wait_s: float | None = LOCK_WAIT_S):
         """Hold the bundle's exclusive lock (flock on ``<bundle>/.lock``) while changing its tasks.
 
         A busy lock is logged and awaited up to ``wait_s`` s (None: forever), then BundleError. Once
@@ -251,9 +278,9 @@ class Bundle:
             return True
 
         try:
-            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise BundleError(f"cannot create {self.path / LOCK_NAME} ({exc.strerror}); make {self.path} "
+            raise BundleError(f"cannot create {self.layout.lock} ({exc.strerror}); make {self.path} "
                               "writable") from None
         try:
             if not acquired():
@@ -278,7 +305,7 @@ class Bundle:
         predicts frame by frame pays one stat per call, not a JSON parse (~0.4 ms). Every write
         replaces the file by rename, so a new registry always has a new inode.
         """
-        registry = self.path / REGISTRY_PATH
+        registry = self.layout.registry
         try:
             stat = registry.stat()
         except FileNotFoundError:
@@ -297,6 +324,23 @@ class Bundle:
         if version != REGISTRY_FORMAT_VERSION or not isinstance(data.get("tasks"), list):
             raise BundleError(f"{registry} is not a task registry this pah-edge reads; restore it or re-export the bundle")
         return [TaskRecord.from_dict(d) for d in data["tasks"]]
+
+    def check_name_free(self, name: str, *, replace: bool = False) -> None:
+        """BundleError if a task ``name`` is registered and ``replace`` does not allow overwriting it."""
+        if not replace and any(r.name == name for r in self.tasks()):
+            raise BundleError(f"task {name!r} already exists in {self.path}; pass --replace to overwrite it "
+                              "or --name OTHER")
+
+    def check_class_count(self, classes: int, origin: str = "the task") -> None:
+        """BundleError unless a task of ``classes`` classes fits: at least 2, and exactly the task-mlp
+        generator's count where it has one. ``origin`` says where the classes come from."""
+        if classes < 2:
+            raise BundleError(f"a task needs at least 2 classes, {origin} has {classes}")
+        fixed = self.fixed_num_classes
+        if fixed is not None and classes != fixed:
+            raise BundleError(f"this bundle's task-mlp generator takes exactly {fixed} classes per task, {origin} has "
+                              f"{classes}; give it {fixed} classes, or export a run trained with --generator "
+                              "classwise-linear for any count")
 
     def task(self, name: str) -> TaskRecord:
         for record in self.tasks():
@@ -348,7 +392,7 @@ class Bundle:
         Read and hashed again only when task_free.json changed (inode, mtime, size): a camera loop
         predicting frame by frame must not re-hash a D x D matrix (6.5 MB at D = 1280) per call.
         """
-        record_path = self.path / TASK_FREE_RECORD
+        record_path = self.layout.task_free_record
         try:
             stat = record_path.stat()
         except FileNotFoundError:
@@ -374,7 +418,7 @@ class Bundle:
         sha = hashlib.sha256(data).hexdigest()
         name = f"task_free.{sha[:12]}.npz"
         atomic_write_bytes(self.path / name, data)
-        atomic_write_json(self.path / TASK_FREE_RECORD, {"file": name, "sha256": sha, "created": utc_now(),
+        atomic_write_json(self.layout.task_free_record, {"file": name, "sha256": sha, "created": utc_now(),
                                                           "images": shared.count, "threshold": shared.threshold,
                                                           "unknown_rate": shared.unknown_rate})
         for old in self.path.glob("task_free.*.npz"):
@@ -409,11 +453,9 @@ class Bundle:
             raise ValueError(f"source must be one of {TASK_SOURCES}, got {source!r}")
         if accuracy is not None and not 0.0 <= accuracy <= 1.0:
             raise ValueError(f"accuracy is a fraction in [0, 1], got {accuracy!r}")
+        self.check_name_free(name, replace=replace)
         records = self.tasks()
         old = next((r for r in records if r.name == name), None)
-        if old is not None and not replace:
-            raise BundleError(f"task {name!r} already exists in {self.path}; pass --replace to overwrite it "
-                              "or choose another name")
         buffer = io.BytesIO()
         np.savez(buffer, **{PROTOTYPES_KEY: prototypes})
         data = buffer.getvalue()
@@ -467,13 +509,9 @@ class Bundle:
             expected = ", ".join(map(str, self.prototype_shape))
             raise BundleError(f"prototypes have shape {list(shape)}, this bundle needs [C, {expected}]")
         classes = shape[0]
-        if classes < 2:
-            raise BundleError(f"a task needs at least 2 classes, got {classes}")
+        self.check_class_count(classes)
         if classes != num_class_names:
             raise BundleError(f"{classes} prototypes but {num_class_names} class names; give one name per class")
-        if self.fixed_num_classes is not None and classes != self.fixed_num_classes:
-            raise BundleError(f"this bundle's task-mlp generator takes exactly {self.fixed_num_classes} classes per "
-                              f"task, got {classes}; export a run trained with --generator classwise-linear for any count")
         if not np.isfinite(prototypes).all():
             raise BundleError("prototypes contain NaN or infinity; learn the task again")
 
@@ -490,14 +528,14 @@ class Bundle:
         # The registry is user-editable: never follow a name out of tasks/.
         file = record.file if file is None else file
         relative = Path(file)
-        if relative.parent != Path("tasks") or relative.name in ("", ".", "..") or relative.is_absolute():
+        if relative.parent != Path(TASKS_DIR) or relative.name in ("", ".", "..") or relative.is_absolute():
             raise BundleError(f"task {record.name!r} points outside tasks/ ({file!r}); "
                               "restore tasks/registry.json or re-export the bundle")
         return self.path / relative
 
     def _free_task_file(self, name: str, sha: str, *, taken: set[str]) -> str:
         """``tasks/<name>.npz`` unless that path exists (a replaced or renamed task still uses it)."""
-        candidates = (f"tasks/{name}.npz", f"tasks/{name}.{sha[:12]}.npz")
+        candidates = (f"{TASKS_DIR}/{name}.npz", f"{TASKS_DIR}/{name}.{sha[:12]}.npz")
         free = (c for c in candidates if c not in taken and not (self.path / c).exists())
         # The content-named file, if it exists, already holds these very bytes: rewriting it is harmless.
         return next(free, candidates[1])
@@ -514,14 +552,15 @@ class Bundle:
     def _remove_orphans(self) -> None:
         referenced = {f for r in self.tasks() for f in (r.file, r.stats_file)}
         # Interrupted atomic writes leave temporary files in the root too (calibrate, task-stats).
-        for file in [*(self.path / "tasks").glob("*"), *self.path.glob(".*.tmp")]:
-            orphan = file.parent.name == "tasks" and file.suffix == ".npz" and f"tasks/{file.name}" not in referenced
+        for file in [*self.layout.tasks_dir.glob("*"), *self.path.glob(".*.tmp")]:
+            orphan = file.parent == self.layout.tasks_dir and file.suffix == ".npz" \
+                and f"{TASKS_DIR}/{file.name}" not in referenced
             if orphan or (file.name.startswith(".") and file.name.endswith(".tmp")):
                 self._unlink_quietly(file)
                 log.info("removed %s, left by an interrupted write", file)
 
     def _write_registry(self, records: list[TaskRecord]) -> None:
-        atomic_write_json(self.path / REGISTRY_PATH,
+        atomic_write_json(self.layout.registry,
                           {"format_version": REGISTRY_FORMAT_VERSION, "tasks": [r.to_dict() for r in records]})
 
 

@@ -161,6 +161,7 @@ def bench(
     plot: Optional[Path] = typer.Option(None, help="Draw latency vs batch per runtime to this PNG (needs matplotlib)."),
 ):
     """Latency (p50/p90/p99 ms), throughput and memory of each component per runtime, precision and batch."""
+    import pah_edge.export.torch_runner  # noqa: F401  (registers the PyTorch reference; torch loads only if it runs)
     from pah_edge.device.bench import run_bench
 
     config = BenchConfig.from_options(runtime=runtime, precision=precision, batch=batch, iterations=iterations,

@@ -147,7 +147,6 @@ def task_stats(
 ):
     """Add task-free statistics (and the novelty threshold) to a bundle exported before they existed."""
     from pah_edge.bundle import Bundle
-    from pah_edge.device.learner import LOCK_WAIT_S
     from pah_edge.device.task_stats import install_task_free, task_features_from_folder
 
     if (checkpoint is None) == (images is None):
@@ -159,5 +158,5 @@ def task_stats(
         features = checkpoint_task_features(opened, checkpoint, per_class=stats_per_class, progress=progress)
     else:
         features = task_features_from_folder(opened, images, progress=progress)
-    with opened.lock(LOCK_WAIT_S):
+    with opened.lock():
         show(install_task_free(opened, features))

@@ -16,6 +16,7 @@ from pah_edge.device.bench import BenchConfig, add_ratios, run_bench
 from pah_edge.device.bench_timing import NOISY_CV, Timing, alternating, measure
 from pah_edge.device.runtimes import tensorrt_problem
 from pah_edge.errors import ConfigError
+from pah_edge.export import torch_runner  # noqa: F401  (registers the PyTorch reference, as the CLI does)
 
 REQUIRED = ("component", "runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "rss_mb",
             "cv", "iterations", "speedup_vs_torch")

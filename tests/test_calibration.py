@@ -17,8 +17,8 @@ from conftest import assert_one_line_error, file_tree, run_cli_process, write_im
 from PIL import Image
 from tiny_bundle import make_tiny_bundle
 
-from pah_edge.bundle import (CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_BACKBONE_NAME, LOCK_NAME, Bundle,
-                             BundleError)
+from pah_edge.bundle import Bundle, BundleError
+from pah_edge.bundle_layout import CALIBRATION_NAME, CALIBRATION_REJECTED_NAME, INT8_BACKBONE_NAME, LOCK_NAME
 from pah_edge.calibration.quantize import TARGETS, QuantizeOptions, default_target, int8_onnx_from_fp32
 from pah_edge.calibration.reader import ImageFolderReader, calibration_files
 from pah_edge.device.images import BatchStream

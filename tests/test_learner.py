@@ -162,7 +162,7 @@ def test_old_tasks_stay_bit_identical(bundle_dir, new_task, exported, mnist_digi
 def test_replace_overwrites_the_task(bundle_dir, new_task):
     bundle = Bundle.open(bundle_dir)
     learn_task(bundle, new_task, name="digits", progress=False, max_steps=3)
-    with pytest.raises(BundleError, match="task 'digits' exists; pass --replace or --name OTHER"):
+    with pytest.raises(BundleError, match="task 'digits' already exists in .*; pass --replace to overwrite it"):
         learn_task(bundle, new_task, name="digits", progress=False, max_steps=3)
     report = learn_task(bundle, new_task, name="digits", progress=False, replace=True)
     assert [t.name for t in bundle.tasks()] == ["a", "b", "digits"] and report.steps > 3
@@ -377,7 +377,7 @@ BAD_INPUT = {  # case: (make the folder, change the bundle, words of the error l
     "non-image file only": (_text_only_class, None, ["no images found in", "digit7"]),
     "only a 100 MP image": (_huge_only_class, None, ["class 'huge' has no readable image", "huge/scan.png",
                                                      "50 megapixels"]),
-    "existing name": (_with("--name", "a"), None, ["task 'a' exists; pass --replace or --name OTHER"]),
+    "existing name": (_with("--name", "a"), None, ["task 'a' already exists", "pass --replace", "or --name OTHER"]),
     "name with /": (_with("--name", "x/y"), None, ["invalid task name 'x/y'"]),
     "name ..": (_with("--name", ".."), None, ["invalid task name '..'"]),
     "newer bundle format": (_two_classes, _bump_format, ["bundle format 2 is newer", "upgrade pah-edge"]),

@@ -24,6 +24,7 @@ from pah_edge.device.runtimes import (
 from pah_edge.device.runtimes.onnxruntime import OnnxRuntimeRunner
 from pah_edge.device.runtimes.tensorrt import TensorRTRunner, tensorrt_problem
 from pah_edge.errors import PahEdgeError
+from pah_edge.export import torch_runner  # noqa: F401  (registers create_runner("torch"), as the workstation side does)
 
 OUTPUTS = ["features", "logits"]
 SPEC = "float32[?, 3, 6, 6]"

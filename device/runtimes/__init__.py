@@ -1,12 +1,16 @@
 """Runtimes behind one runner interface: ONNX Runtime, TensorRT and a PyTorch reference.
 
 ``create_runner(kind, path)`` builds one; ``pick_runtime()`` says which is usable here. Importing
-this package imports neither torch nor tensorrt: each runner imports its library on use.
+this package imports neither torch nor tensorrt: each runner imports its library on use. The
+PyTorch reference belongs to the workstation side (``pah_edge.export.torch_runner``), which
+registers it here when imported (``register_runner``, ``register_reference``): the device side
+never imports it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 from pah_edge.device.runtimes.base import (
     EngineMismatchError,
@@ -30,6 +34,9 @@ __all__ = [
     "engine_compatibility_problem",
     "format_spec",
     "pick_runtime",
+    "reference_runners",
+    "register_reference",
+    "register_runner",
     "sidecar_path",
 ]
 
@@ -41,12 +48,43 @@ _ORT_PROVIDERS = {
 }
 KINDS = (*_ORT_PROVIDERS, "tensorrt", "torch")
 NO_CUDA_EP = "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)"
+NOT_REGISTERED = ("the PyTorch reference was not loaded: it is on the workstation side "
+                  "(import pah_edge.export.torch_runner; pip install 'pah-edge[train]')")
+# kind -> runner class, and kind -> provider of a bundle's reference runners: filled by the workstation side.
+_RUNNERS: dict[str, Callable[..., Runner]] = {}
+_REFERENCES: dict[str, Callable[..., tuple[dict[str, Runner] | None, str | None]]] = {}
+
+
+def register_runner(kind: str, runner: Callable[..., Runner]) -> None:
+    """Let ``create_runner(kind, **kw)`` return ``runner(**kw)``; another runner for a kind is an error."""
+    _register(_RUNNERS, kind, runner)
+
+
+def register_reference(kind: str, provider: Callable[..., tuple[dict[str, Runner] | None, str | None]]) -> None:
+    """Register ``provider(bundle, threads)``: ({graph: inactive runner}, None) of the bundle's graphs
+    on runtime ``kind``, or (None, why not); ``reference_runners`` calls it."""
+    _register(_REFERENCES, kind, provider)
+
+
+def reference_runners(kind: str, bundle, threads: int | None = None) -> tuple[dict[str, Runner] | None, str | None]:
+    """({graph: inactive runner}, None) of ``bundle``'s graphs on the registered reference ``kind``,
+    or (None, why not). ``threads``: the runtime's intra-op threads (None: its default)."""
+    provider = _REFERENCES.get(kind)
+    if provider is None:
+        return None, NOT_REGISTERED
+    return provider(bundle, threads)
+
+
+def _register(table: dict, kind: str, value) -> None:
+    if table.get(kind, value) is not value:
+        raise ValueError(f"runtime {kind!r} is registered already, as {table[kind]!r}")
+    table[kind] = value
 
 
 def create_runner(kind: str, model_path=None, **kw) -> Runner:
     """A runner of ``kind`` for ``model_path`` (ONNX file or TensorRT engine).
 
-    ``torch`` takes ``module=``, ``input_names=``, ``output_names=`` instead of a path.
+    ``torch`` (once registered) takes ``module=``, ``input_names=``, ``output_names=`` instead of a path.
     """
     if kind in _ORT_PROVIDERS:
         from pah_edge.device.runtimes.onnxruntime import OnnxRuntimeRunner
@@ -58,10 +96,10 @@ def create_runner(kind: str, model_path=None, **kw) -> Runner:
         from pah_edge.device.runtimes.tensorrt import TensorRTRunner
 
         return TensorRTRunner(model_path, **kw)
+    if kind in _RUNNERS:
+        return _RUNNERS[kind](**kw)
     if kind == "torch":
-        from pah_edge.export.torch_runner import TorchRunner  # workstation side: it needs torch
-
-        return TorchRunner(**kw)
+        raise RuntimeUnavailable(NOT_REGISTERED)
     raise PahEdgeError(f"unknown runtime {kind!r}: choose one of {', '.join(KINDS)}")
 
 

@@ -34,9 +34,11 @@ class Runner(ABC):
     """Runs one model: ``activate`` -> ``infer``... -> ``deactivate`` (or ``with runner:``).
 
     ``last_infer_ms`` is the wall time of the latest ``infer`` call in ms, validation excluded.
+    ``max_batch`` is the largest batch ``infer`` accepts (None: any).
     """
 
     name: str = "runner"
+    max_batch: int | None = None
 
     def __init__(self) -> None:
         self.is_active = False

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pah_edge.bundle_layout import BundleLayout, engine_graph_and_precision
 from pah_edge.device.runtimes.base import EngineMismatchError, Runner, RuntimeInputError, RuntimeUnavailable, Spec
 from pah_edge.errors import PahEdgeError
 
@@ -73,12 +74,13 @@ def sidecar_path(engine_path) -> Path:
 
 
 def build_command(engine_path, precision: str | None = None) -> str:
-    """The CLI call that (re)builds ``<bundle>/engines/backbone.<precision>.engine``, in backticks."""
-    engine_path = Path(engine_path)
-    bundle = engine_path.parent.parent if engine_path.parent.name == "engines" else "BUNDLE"
-    if precision is None:
-        parts = engine_path.name.split(".")
-        precision = parts[-2] if len(parts) >= 3 else "fp16"
+    """The CLI call that (re)builds ``engine_path`` (a bundle's backbone engine), in backticks.
+
+    ``precision`` defaults to the one the file name says, else fp16.
+    """
+    layout = BundleLayout.of_engine(engine_path)
+    bundle = layout.root if layout is not None else "BUNDLE"
+    precision = precision or engine_graph_and_precision(engine_path)[1] or "fp16"
     return f"`pah-edge build-engine {bundle} --precision {precision}`"
 
 
@@ -101,12 +103,20 @@ def engine_compatibility_problem(
     return "; ".join(problems) or None
 
 
+def _profile_max_batch(sidecar: dict | None) -> int:
+    try:
+        return int(sidecar["profile"]["max"][0])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return 1
+
+
 class TensorRTRunner(Runner):
     """Runs a serialized TensorRT engine on GPU 0.
 
     ``last_infer_ms`` includes host<->device copies; ``last_gpu_ms`` is the engine execution alone
     (CUDA events), in ms. With ``check_sidecar`` the engine's ``.json`` build record must exist and
-    match this machine's GPU and TensorRT version.
+    match this machine's GPU and TensorRT version. ``max_batch`` is the record's profile maximum,
+    read once (1, the batch every profile takes, without a readable one).
     """
 
     name = "tensorrt"
@@ -125,6 +135,7 @@ class TensorRTRunner(Runner):
                 f"{self.engine_path} has no build record {record.name}, so its GPU and TensorRT version are unknown: "
                 f"rebuild it with {build_command(self.engine_path)}"
             )
+        self.max_batch = _profile_max_batch(self.sidecar)
         self.last_gpu_ms: float | None = None
         self._cuda = None
         self._cuda_context = None
