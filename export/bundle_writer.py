@@ -27,7 +27,7 @@ from pah_edge.config import RunConfig
 from pah_edge.device.task_stats import TaskFreeReport, install_task_free
 from pah_edge.errors import CheckpointError, ConfigError, DataError, PahEdgeError
 from pah_edge.export.graphs import LearnerStepGraph
-from pah_edge.export.onnx_export import (GRAPH_TOLERANCES, ExportError, OnnxGraph, onnx_from_torch, tolerance_text,
+from pah_edge.export.onnx_export import (GRAPH_TOLERANCES, OPSET, ExportError, OnnxGraph, onnx_from_torch, tolerance_text,
                                          torch_outputs)
 from pah_edge.export.task_free_data import STATS_PER_CLASS, run_task_features
 from pah_edge.export.parity_inputs import Inputs, backbone_inputs, learner_step_inputs, prototype_sets
@@ -44,7 +44,7 @@ log = logging.getLogger("pah_edge")
 GRAPH_FILES = {"backbone": "backbone.onnx", "generator": "generator.onnx", "learner_step": "learner_step.onnx"}
 
 
-def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = 17, simplify: bool = True,
+def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = OPSET, simplify: bool = True,
                   images: Path | None = None, force: bool = False, backbone: str | None = None,
                   stats_per_class: int = STATS_PER_CLASS, engine: str | None = None,
                   progress: bool = False) -> ExportReport:

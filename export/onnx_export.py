@@ -63,6 +63,7 @@ def tolerance_text(tolerance: Mapping[str, float | None]) -> str:
     return " or ".join(f"{kind}<{limit:.0e}" for kind, limit in tolerance.items() if limit is not None)
 
 
+OPSET = 17  # the oldest ONNX opset a bundle's graphs may use, and the export's default
 # The export's FP32 contract, per graph (the bundle's graph specs); `pah-edge verify` holds runtimes to it.
 GRAPH_TOLERANCES = {name: Tolerance(abs=spec.abs_tolerance, rel=spec.rel_tolerance)
                     for name, spec in GRAPH_SPECS.items()}
@@ -109,7 +110,7 @@ class OnnxGraph:
 
 def onnx_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: Path, *,
                     input_names: Sequence[str], output_names: Sequence[str],
-                    dynamic_axes: Mapping[str, Mapping[int, str]], opset: int = 17,
+                    dynamic_axes: Mapping[str, Mapping[int, str]], opset: int = OPSET,
                     tolerance: Tolerance, check_inputs: Sequence[Sequence[torch.Tensor]] = (),
                     simplify: bool = False) -> OnnxGraph:
     """Export ``module`` to ``path`` and prove it matches PyTorch on ``example_inputs`` + ``check_inputs``.
@@ -120,8 +121,8 @@ def onnx_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tens
     import onnx
     import torch
 
-    if opset < 17:
-        raise ExportError(f"opset {opset} is too old for pah-edge bundles: use --opset 17 or newer")
+    if opset < OPSET:
+        raise ExportError(f"opset {opset} is too old for pah-edge bundles: use --opset {OPSET} or newer")
     module = module.eval()
     path = Path(path)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:

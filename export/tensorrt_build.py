@@ -29,6 +29,9 @@ from pah_edge.device.runtimes.tensorrt import gpu_identity, load_tensorrt, sidec
 from pah_edge.errors import PahEdgeError
 
 PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_PRECISION = "fp16"
+DEFAULT_BATCHES = (1, 8, 32)  # the optimisation profile: min, opt, max
+DEFAULT_WORKSPACE_MB = 1024
 
 
 class TensorRTBuildError(PahEdgeError):
@@ -66,7 +69,8 @@ def backbone_onnx(bundle_dir: Path, precision: str) -> Path:
 
 
 def build_engines(
-    bundle_dir: Path, *, precision: str = "fp16", batches=(1, 8, 32), workspace_mb: int = 1024
+    bundle_dir: Path, *, precision: str = DEFAULT_PRECISION, batches=DEFAULT_BATCHES,
+    workspace_mb: int = DEFAULT_WORKSPACE_MB
 ) -> list[Path]:
     """Build the backbone engine for ``precision`` over batch sizes ``(min, opt, max)``; returns its path.
 

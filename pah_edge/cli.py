@@ -20,6 +20,8 @@ from pah_edge.config import DataConfig, ModelConfig, TrainConfig
 from pah_edge.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT_PER_CLASS
 from pah_edge.device.bench import BenchConfig
 from pah_edge.errors import ConfigError
+from pah_edge.export.onnx_export import OPSET
+from pah_edge.export.tensorrt_build import DEFAULT_BATCHES, DEFAULT_PRECISION, DEFAULT_WORKSPACE_MB
 from pah_edge.task_free import STATS_PER_CLASS
 
 @app.callback()
@@ -66,7 +68,7 @@ def export(
     checkpoint: Optional[Path] = typer.Option(None, help="Run directory or its checkpoint.pt (default: newest run of --backbone)."),
     runs_dir: Path = typer.Option(Path("runs"), help="Where to look for runs when --checkpoint is not given."),
     out: Path = typer.Option(Path("bundle"), help="Bundle directory to write."),
-    opset: int = typer.Option(17, help="ONNX opset (17 or newer)."),
+    opset: int = typer.Option(OPSET, help=f"ONNX opset ({OPSET} or newer)."),
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Simplify graphs with onnxslim when installed (kept only if parity holds)."),
     images: Optional[Path] = typer.Option(None, help="Folder of images; its first 16 join the parity check."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle in --out (and its tasks)."),
@@ -117,9 +119,9 @@ def calibrate(
 @user_errors
 def build_engine(
     bundle: Path = BUNDLE_ARGUMENT,
-    precision: str = typer.Option("fp16", help="fp16, fp32, or int8 (needs `pah-edge calibrate` first)."),
-    batch: str = typer.Option("1,8,32", help="Batch-size profile min,opt,max."),
-    workspace_mb: int = typer.Option(1024, help="TensorRT builder workspace limit in MB."),
+    precision: str = typer.Option(DEFAULT_PRECISION, help="fp16, fp32, or int8 (needs `pah-edge calibrate` first)."),
+    batch: str = typer.Option(",".join(map(str, DEFAULT_BATCHES)), help="Batch-size profile min,opt,max."),
+    workspace_mb: int = typer.Option(DEFAULT_WORKSPACE_MB, help="TensorRT builder workspace limit in MB."),
 ):
     """Compile the bundle's backbone into a TensorRT engine for this GPU (run it on the target device)."""
     from pah_edge.export.tensorrt_build import build_engines
