@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from pah_edge.trainer import run_training  # noqa: F401  (scratch: the contract test must catch this)
 from pah_edge.errors import ConfigError, DataError, PahEdgeError
 
 
