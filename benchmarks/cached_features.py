@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from pah_edge.atomic import atomic_write_json
-from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
-from pah_edge.data import load_benchmark
+from pah_edge.workstation.config import DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from pah_edge.workstation.data import load_benchmark
 from pah_edge.machine import machine_info
 from pah_edge.preprocess import Preprocess
-from pah_edge.trainer import train_continual
+from pah_edge.workstation.trainer import train_continual
 
 MODES = {"cached": True, "uncached": False}  # name -> TrainConfig.cache_features
 

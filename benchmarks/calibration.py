@@ -45,7 +45,7 @@ from pah_edge.calibration.calibrate import calibrate_bundle
 from pah_edge.calibration.evaluate import cosine, latency_ms
 from pah_edge.calibration.quantize import METHODS, TARGETS, QuantizeOptions
 from pah_edge.machine import library_versions
-from pah_edge.data.benchmarks import load_benchmark
+from pah_edge.workstation.data.benchmarks import load_benchmark
 from pah_edge.machine import machine_info
 from pah_edge.preprocess import Preprocess
 
@@ -227,7 +227,7 @@ def imagenet_check(work: Path, args) -> dict:
     import onnxruntime as ort
     import torch
 
-    from pah_edge.backbones import create_backbone
+    from pah_edge.workstation.backbones import create_backbone
     from pah_edge.calibration.quantize import int8_onnx_from_fp32
     from pah_edge.calibration.reader import ImageFolderReader
     from pah_edge.device.images import BatchStream

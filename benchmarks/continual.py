@@ -18,9 +18,9 @@ from pathlib import Path
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.machine import machine_info
-from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from pah_edge.workstation.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pah_edge.machine import library_versions
-from pah_edge.trainer import run_training
+from pah_edge.workstation.trainer import run_training
 
 METHODS = ("pah", "finetune", "lwf", "joint")
 METRICS = ("average_accuracy", "forgetting", "bwt")

@@ -53,7 +53,7 @@ from pah_edge.atomic import atomic_write_json
 from pah_edge.machine import machine_info
 from pah_edge.bundle import Bundle
 from pah_edge.machine import library_versions
-from pah_edge.data.benchmarks import load_benchmark
+from pah_edge.workstation.data.benchmarks import load_benchmark
 from pah_edge.folders import class_rng
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner
 from pah_edge.device.images import BatchStream
@@ -158,9 +158,9 @@ def run(args, work: Path) -> dict:
 
 def train_base(backbone: str, work: Path, *, epochs: int, limit_per_class: int, image_size: int) -> tuple[Path, dict]:
     """Train ``backbone`` on split-fashion-mnist into ``work`` and export it; (bundle path, settings)."""
-    from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from pah_edge.workstation.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from pah_edge.export.bundle_writer import export_bundle
-    from pah_edge.trainer import run_training
+    from pah_edge.workstation.trainer import run_training
 
     imagenet = backbone == "efficientnet_lite0"
     cfg = RunConfig(

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
-from pah_edge.data.benchmarks import load_benchmark
+from pah_edge.workstation.data.benchmarks import load_benchmark
 from pah_edge.machine import machine_info
 from pah_edge.preprocess import Preprocess
 

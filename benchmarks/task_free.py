@@ -38,7 +38,7 @@ from device_learning import _load_digits, train_base  # the same bases as the de
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
-from pah_edge.data.benchmarks import load_benchmark
+from pah_edge.workstation.data.benchmarks import load_benchmark
 from pah_edge.device.bundle_runners import features
 from pah_edge.device.learner import learn_task
 from pah_edge.device.predict import Predictor, softmax

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from pah_edge.atomic import fsync_dir, atomic_write_json
-from pah_edge.backbones import canonical_backbone_name
+from pah_edge.workstation.backbones import canonical_backbone_name
 from pah_edge.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, Bundle, sha256_file, task_name_from, utc_now
 from pah_edge.bundle_layout import GRAPH_SPECS, BundleLayout
-from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
-from pah_edge.config import RunConfig
+from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
+from pah_edge.workstation.config import RunConfig
 from pah_edge.device.task_stats import TaskFreeReport, install_task_free
 from pah_edge.errors import CheckpointError, ConfigError, DataError, PahEdgeError
 from pah_edge.export.graphs import LearnerStepGraph
@@ -32,10 +32,10 @@ from pah_edge.export.onnx_export import (GRAPH_TOLERANCES, OPSET, ExportError, O
 from pah_edge.export.task_free_data import STATS_PER_CLASS, run_task_features
 from pah_edge.export.parity_inputs import Inputs, backbone_inputs, learner_step_inputs, prototype_sets
 from pah_edge.generators import GENERATOR_KINDS, generator_kind
-from pah_edge.hypernetwork import TaskMLPGenerator
+from pah_edge.workstation.hypernetwork import TaskMLPGenerator
 from pah_edge.machine import library_versions
-from pah_edge.metrics import summarize
-from pah_edge.model import PAHModel
+from pah_edge.workstation.metrics import summarize
+from pah_edge.workstation.model import PAHModel
 from pah_edge.preprocess import Preprocess
 from pah_edge.report import Report, aligned
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pah_edge.hypernetwork import PrototypeGenerator
+from pah_edge.workstation.hypernetwork import PrototypeGenerator
 
 
 class LearnerStepGraph(nn.Module):

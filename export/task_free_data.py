@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pah_edge.bundle import Bundle, task_name_from
-from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from pah_edge.config import RunConfig
+from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from pah_edge.workstation.config import RunConfig
 from pah_edge.device.bundle_runners import backbone_runner
 from pah_edge.device.task_stats import TaskFeatures, features_of_arrays
 from pah_edge.errors import CheckpointError
 from pah_edge.preprocess import Preprocess
 from pah_edge.progress import progress_bar
 from pah_edge.task_free import STATS_PER_CLASS
-from pah_edge.trainer import load_tasks
+from pah_edge.workstation.trainer import load_tasks
 
 
 def run_task_features(bundle: Bundle, cfg: RunConfig, preprocess: Preprocess, *,

@@ -91,7 +91,7 @@ def torch_runners(bundle: Bundle, threads: int | None = None) -> tuple[dict[str,
         return None, f"{checkpoint} changed since the export"
     import torch
 
-    from pah_edge.checkpoint import load_checkpoint, model_from_checkpoint
+    from pah_edge.workstation.checkpoint import load_checkpoint, model_from_checkpoint
     from pah_edge.export.graphs import LearnerStepGraph
 
     if threads is not None:

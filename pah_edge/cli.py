@@ -16,7 +16,7 @@ from pah_edge.calibration.quantize import QuantizeOptions
 import pah_edge.cli_device  # noqa: F401  (registers the device's commands on `app`)
 from pah_edge.cli_support import (BUNDLE_ARGUMENT, JSON_OPTION, PROGRESS_OPTION, app, config_options, print_error,
                                   run_app, show, user_errors)
-from pah_edge.config import DataConfig, ModelConfig, TrainConfig
+from pah_edge.workstation.config import DataConfig, ModelConfig, TrainConfig
 from pah_edge.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT_PER_CLASS
 from pah_edge.device.bench import BenchConfig
 from pah_edge.errors import ConfigError
@@ -37,8 +37,8 @@ def train(data: DataConfig, model: ModelConfig, train: TrainConfig,
           resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last finished task."),
           progress: bool = PROGRESS_OPTION):
     """Train a PAH on a sequence of tasks and write checkpoint, metrics.json and plots to --out."""
-    from pah_edge.config import RunConfig
-    from pah_edge.trainer import run_training
+    from pah_edge.workstation.config import RunConfig
+    from pah_edge.workstation.trainer import run_training
 
     metrics = run_training(RunConfig(data=data, model=model, train=train), out, resume=resume, show_progress=progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here; one summary is enough
@@ -76,7 +76,7 @@ def export(
     stats_per_class: int = typer.Option(STATS_PER_CLASS, help="Images per class of the run's data for the task-free statistics."),
 ):
     """Export a trained run as a bundle: ONNX graphs checked against PyTorch, manifest, task registry, task-free statistics."""
-    from pah_edge.backbones import canonical_backbone_name
+    from pah_edge.workstation.backbones import canonical_backbone_name
     from pah_edge.export.bundle_writer import export_bundle, newest_run
 
     if checkpoint is None:

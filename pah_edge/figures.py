@@ -1,5 +1,5 @@
 """Matplotlib, headless, and writing a figure as a PNG atomically: shared by the training run's plots
-(``pah_edge.plots``) and `pah-edge bench --plot` (``device/bench_plot.py``). Imports matplotlib."""
+(``pah_edge.workstation.plots``) and `pah-edge bench --plot` (``device/bench_plot.py``). Imports matplotlib."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Reading image folders and drawing from them, shared by the workstation's datasets and the device.
 
-Torch-free core: ``pah_edge.data`` (training) and ``device``/``calibration`` both build on it, so
+Torch-free core: ``pah_edge.workstation.data`` (training) and ``device``/``calibration`` both build on it, so
 the device side never imports the workstation's dataset loaders.
 """
 

@@ -1,5 +1,5 @@
 """The generator kinds, known without torch: what the CLI offers, what a bundle can hold, and what
-the device may assume about each (the torch modules that implement them: `pah_edge.hypernetwork`)."""
+the device may assume about each (the torch modules that implement them: `pah_edge.workstation.hypernetwork`)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pah_edge import backbones
-from pah_edge.backbones import (
+from pah_edge.workstation import backbones
+from pah_edge.workstation.backbones import (
     Backbone,
     available_backbones,
     canonical_backbone_name,
@@ -382,7 +382,7 @@ def test_onnx_export_matches_onnxruntime(name, tmp_path):
 
 def test_import_does_not_load_torchvision_or_efficientnet():
     code = (
-        "import sys, pah_edge.backbones; "
+        "import sys, pah_edge.workstation.backbones; "
         "assert not {'torchvision', 'efficientnet_lite_pytorch'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pah_edge.data import BENCHMARKS, ImageSet, Task, benchmarks, load_benchmark, load_image_folder
-from pah_edge.data.download import fetch
-from pah_edge.data.splits import split_sizes
+from pah_edge.workstation.data import BENCHMARKS, ImageSet, Task, benchmarks, load_benchmark, load_image_folder
+from pah_edge.workstation.data.download import fetch
+from pah_edge.workstation.data.splits import split_sizes
 from pah_edge.errors import ConfigError, DataError
 from pah_edge.preprocess import Preprocess
 
@@ -430,6 +430,6 @@ def test_mnist_5k_with_a_limit():
 
 
 def test_data_and_preprocess_do_not_import_torch():
-    code = "import sys, pah_edge.data, pah_edge.preprocess; print('torch' in sys.modules)"
+    code = "import sys, pah_edge.workstation.data, pah_edge.preprocess; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

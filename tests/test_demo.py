@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import pah_edge.demo as demo
 from pah_edge.bundle import Bundle
 from pah_edge.cli import app
-from pah_edge.data.benchmarks import FASHION_MNIST_DIR
+from pah_edge.workstation.data.benchmarks import FASHION_MNIST_DIR
 
 
 @pytest.fixture

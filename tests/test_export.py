@@ -19,16 +19,16 @@ from typer.testing import CliRunner
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle, BundleError, sha256_file
-from pah_edge.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pah_edge.workstation.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pah_edge.cli import app
-from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from pah_edge.workstation.config import DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
 from pah_edge.machine import library_versions
 from pah_edge.export import bundle_writer
 from pah_edge.export.bundle_writer import export_bundle
 from pah_edge.export.onnx_export import GRAPH_TOLERANCES, ExportError, Tolerance
-from pah_edge.model import build_model
+from pah_edge.workstation.model import build_model
 from pah_edge.preprocess import Preprocess, load_image, to_input
-from pah_edge.trainer import run_training
+from pah_edge.workstation.trainer import run_training
 
 TINY = {"backbone": "tiny_cnn", "image_size": 28, "prototype_size": 8}
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pah_edge.config import auto_prototype_size
+from pah_edge.workstation.config import auto_prototype_size
 from pah_edge.errors import ConfigError
 from pah_edge.generators import GENERATOR_KINDS
-from pah_edge.hypernetwork import FACTORIES, create_generator
+from pah_edge.workstation.hypernetwork import FACTORIES, create_generator
 
 D = 24
 

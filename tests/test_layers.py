@@ -15,10 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CORE = ("atomic", "blas_threads", "bundle", "bundle_layout", "errors", "figures", "folders", "generators", "machine",
         "options", "preprocess", "progress", "report", "task_free")
-WORKSTATION = ("torch", "torchvision", "pah_edge.model", "pah_edge.trainer", "pah_edge.hypernetwork",
-               "pah_edge.backbones", "pah_edge.checkpoint", "pah_edge.config", "pah_edge.data", "pah_edge.distributed",
-               "pah_edge.demo", "pah_edge.metrics", "pah_edge.plots", "pah_edge.cli", "pah_edge.cli_support",
-               "pah_edge.export", "export")
+WORKSTATION = ("torch", "torchvision", "pah_edge.workstation", "pah_edge.export", "export",
+               "pah_edge.demo", "pah_edge.cli", "pah_edge.cli_device", "pah_edge.cli_support")
 
 
 def device_side_modules() -> list[Path]:
@@ -48,8 +46,8 @@ def test_the_device_side_imports_nothing_from_the_workstation(path):
 
 def test_the_contract_sees_a_nested_import(tmp_path):
     module = tmp_path / "m.py"
-    module.write_text("def f():\n    from pah_edge.data.splits import cut\n    import torch\n")
-    assert workstation_imports(module) == [(2, "pah_edge.data.splits"), (3, "torch")]
+    module.write_text("def f():\n    from pah_edge.workstation.data.splits import cut\n    import torch\n")
+    assert workstation_imports(module) == [(2, "pah_edge.workstation.data.splits"), (3, "torch")]
 
 
 def code_map_paths() -> set[Path]:

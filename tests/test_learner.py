@@ -32,7 +32,7 @@ from pah_edge.device.prototype_init import (LinearHeads, adaptive_avg_pool, clas
                                            thumbnails)
 from pah_edge.device.runtimes import create_runner
 from pah_edge.errors import ConfigError
-from pah_edge.hypernetwork import ClasswiseGenerator
+from pah_edge.workstation.hypernetwork import ClasswiseGenerator
 from pah_edge.preprocess import load_image, to_input
 
 REPO = Path(__file__).resolve().parents[1]

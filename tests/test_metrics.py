@@ -1,6 +1,6 @@
 import pytest
 
-from pah_edge.metrics import average_accuracy, backward_transfer, forgetting, summarize
+from pah_edge.workstation.metrics import average_accuracy, backward_transfer, forgetting, summarize
 
 # Three tasks; task 0 peaks after task 1 (0.95) and ends at 0.80; task 1 drops 0.90 -> 0.85.
 ACC = [[0.90], [0.95, 0.90], [0.80, 0.85, 0.70]]

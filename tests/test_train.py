@@ -118,8 +118,8 @@ def test_a_frozen_backbone_from_given_weights_keeps_its_batchnorm_statistics(two
     """backbone_lr 0 with --weights: neither training nor the first-task recalibration moves BatchNorm."""
     import torch
 
-    from pah_edge.backbones import create_backbone
-    from pah_edge.checkpoint import load_checkpoint
+    from pah_edge.workstation.backbones import create_backbone
+    from pah_edge.workstation.checkpoint import load_checkpoint
 
     backbone = create_backbone("tiny_cnn", image_size=28)
     generator = torch.Generator().manual_seed(0)
@@ -138,9 +138,9 @@ def test_a_frozen_backbone_from_given_weights_keeps_its_batchnorm_statistics(two
 
 def _frozen_run(folder, weights, out, *, cache_features: bool) -> dict:
     """tiny_cnn frozen from ``weights``, 5 epochs per task; the metrics and the checkpoint's model state."""
-    from pah_edge.checkpoint import load_checkpoint
-    from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from pah_edge.trainer import run_training
+    from pah_edge.workstation.checkpoint import load_checkpoint
+    from pah_edge.workstation.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from pah_edge.workstation.trainer import run_training
 
     cfg = RunConfig(data=DataConfig(folder=str(folder)),
                     model=ModelConfig(backbone="tiny_cnn", image_size=28, prototype_size=8, weights=str(weights)),
@@ -153,7 +153,7 @@ def _frozen_run(folder, weights, out, *, cache_features: bool) -> dict:
 def tiny_weights(tmp_path_factory):
     import torch
 
-    from pah_edge.backbones import create_backbone
+    from pah_edge.workstation.backbones import create_backbone
 
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
     torch.save(create_backbone("tiny_cnn", image_size=28).state_dict(), path)
@@ -173,7 +173,7 @@ def test_cached_features_train_as_the_backbone_on_every_batch_does(two_tasks, ti
     import numpy as np
     import torch
 
-    from pah_edge import trainer
+    from pah_edge.workstation import trainer
 
     mapped, open_memmap = [], np.lib.format.open_memmap
 

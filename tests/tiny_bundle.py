@@ -17,9 +17,9 @@ DEVICE_TASK = ("c", [6, 7, 8, 9])
 
 def export_tiny_run(root: Path, digits: dict, layout: dict, *, per_class: int, epochs: int = 1) -> Path:
     """Train tiny_cnn on ``layout`` ({task: [digit, ...]}) of real digits and export it; returns the bundle."""
-    from pah_edge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from pah_edge.workstation.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from pah_edge.export.bundle_writer import export_bundle
-    from pah_edge.trainer import run_training
+    from pah_edge.workstation.trainer import run_training
 
     folder = write_image_folder(root / "digits", digits, layout, per_class=per_class)
     cfg = RunConfig(data=DataConfig(folder=str(folder)),

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pah_edge.data.tasks import ImageSet, Task
+from pah_edge.workstation.data.tasks import ImageSet, Task
 from pah_edge.errors import ConfigError, DataError
 
 # Per class: (train, val, test) images, each uint8 [n, S, S, 3].

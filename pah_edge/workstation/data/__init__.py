@@ -3,8 +3,8 @@
 numpy and Pillow only (no torch): the trainer wraps the uint8 arrays into tensors itself.
 """
 
-from pah_edge.data.benchmarks import BENCHMARKS, load_benchmark
-from pah_edge.data.imagefolder import load_image_folder
-from pah_edge.data.tasks import ImageSet, Task
+from pah_edge.workstation.data.benchmarks import BENCHMARKS, load_benchmark
+from pah_edge.workstation.data.imagefolder import load_image_folder
+from pah_edge.workstation.data.tasks import ImageSet, Task
 
 __all__ = ["BENCHMARKS", "ImageSet", "Task", "load_benchmark", "load_image_folder"]

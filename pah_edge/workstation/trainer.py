@@ -37,17 +37,17 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from pah_edge.atomic import atomic_write_json
-from pah_edge.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
-from pah_edge.backbones import canonical_backbone_name
-from pah_edge.config import RunConfig, TrainConfig, resolve
+from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
+from pah_edge.workstation.backbones import canonical_backbone_name
+from pah_edge.workstation.config import RunConfig, TrainConfig, resolve
 from pah_edge.machine import library_versions
-from pah_edge.data import ImageSet, Task, load_benchmark, load_image_folder
-from pah_edge.distributed import DistContext
+from pah_edge.workstation.data import ImageSet, Task, load_benchmark, load_image_folder
+from pah_edge.workstation.distributed import DistContext
 from pah_edge.errors import CheckpointError
-from pah_edge.hypernetwork import PrototypeGenerator
-from pah_edge.metrics import summarize
-from pah_edge.model import PAHModel, build_model
-from pah_edge.plots import plot_accuracy_matrix, plot_prototypes
+from pah_edge.workstation.hypernetwork import PrototypeGenerator
+from pah_edge.workstation.metrics import summarize
+from pah_edge.workstation.model import PAHModel, build_model
+from pah_edge.workstation.plots import plot_accuracy_matrix, plot_prototypes
 from pah_edge.preprocess import Preprocess
 from pah_edge.progress import bar_progress
 

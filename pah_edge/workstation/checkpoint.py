@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from pah_edge.atomic import atomic_write_bytes
-from pah_edge.config import RunConfig
+from pah_edge.workstation.config import RunConfig
 from pah_edge.errors import CheckpointError
-from pah_edge.model import PAHModel, build_model
+from pah_edge.workstation.model import PAHModel, build_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pah_edge.data.archives import FileTree, read_idx, read_pickles
-from pah_edge.data.download import cache_dir, fetch
-from pah_edge.data.splits import ClassSplit, check_options, cut, make_task, shuffled, split_sizes
-from pah_edge.data.tasks import Task
+from pah_edge.workstation.data.archives import FileTree, read_idx, read_pickles
+from pah_edge.workstation.data.download import cache_dir, fetch
+from pah_edge.workstation.data.splits import ClassSplit, check_options, cut, make_task, shuffled, split_sizes
+from pah_edge.workstation.data.tasks import Task
 from pah_edge.errors import ConfigError, DataError
 from pah_edge.folders import class_rng
 from pah_edge.preprocess import IMAGE_SUFFIXES, Preprocess, load_image, resize_image

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pah_edge.backbones import Backbone, create_backbone
-from pah_edge.config import ModelConfig, auto_prototype_size
-from pah_edge.hypernetwork import Generator, PrototypeGenerator, create_generator
+from pah_edge.workstation.backbones import Backbone, create_backbone
+from pah_edge.workstation.config import ModelConfig, auto_prototype_size
+from pah_edge.workstation.hypernetwork import Generator, PrototypeGenerator, create_generator
 
 
 class PAHModel(nn.Module):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pah_edge.data.splits import ClassSplit, check_options, cut, make_task, shuffled, split_sizes
-from pah_edge.data.tasks import Task
+from pah_edge.workstation.data.splits import ClassSplit, check_options, cut, make_task, shuffled, split_sizes
+from pah_edge.workstation.data.tasks import Task
 from pah_edge.errors import DataError
 from pah_edge.folders import class_rng, folder_files, subfolders
 from pah_edge.preprocess import IMAGE_SUFFIXES, Preprocess, load_image
