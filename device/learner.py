@@ -32,7 +32,7 @@ from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_pro
 from pah_edge.device.prototype_init import LinearHeads, class_mean_head, initial_prototypes, thumbnails
 from pah_edge.device.runtimes import Runner, create_runner
 from pah_edge.errors import ConfigError, DataError, FrameError
-from pah_edge.machine import current_rss_mb, peak_rss_mb
+from pah_edge.machine import current_rss_mb, peak_rss_mb, release_freed_memory
 from pah_edge.preprocess import Preprocess, check_frame
 from pah_edge.progress import progress_bar
 from pah_edge.report import Report, percent
@@ -45,34 +45,45 @@ MAX_BATCH = 64
 # (fitted on EfficientNet-Lite0 at 224 px: the arena grows faster than the batch, 12 to 19 MB per image;
 # docs/benchmarks.md, "learn-task's budget").
 ACTIVATION_FACTOR = 36
-STATS_COPIES = 3  # min(N, D)^2 float64 arrays alive at once while the task-free statistics are computed
-SLACK_MB = 32  # decoded images, the fit's arrays, Python's own growth
+SLACK_MB = 32  # while features are extracted: decoded images, Python's own growth
+# Once the backbone is released, the task-free statistics' work: an N x D float64 array's worth and
+# this many min(N, D)^2 float64 arrays (the Gram matrix, its eigen-decomposition's copy, workspace and
+# vectors; fitted with 100, 1,000 and 1,990 images, docs/benchmarks.md).
+STATS_COPIES = 3
+# ... and the rest after the backbone: the bundle's shared statistics, a linear generator's basis heads,
+# the fit's runtime arenas and arrays (59 MB measured with 100 images at D = 1280).
+FIT_MB = 64
 UNBOUNDED_BATCH_MB = 75  # a batch's share without a budget (6 images at 224 px)
 
 
-def batch_size_for(budget_mb: float | None, image_size: int, *, in_use_mb: float = 0.0, images: int = 0,
-                   feature_dim: int = 0) -> int:
-    """Images per backbone batch that keep the process's peak RSS within ``budget_mb`` MB: what it
-    already holds (``in_use_mb``: Python, the runtimes and their models), the features of ``images``
-    images and the statistics' D x D work, then each image's input and activations. 1 to 64;
-    ConfigError naming the minimum when not even one image fits. None (an application's own process,
-    whose memory is not learn-task's to bound): batches of about ``UNBOUNDED_BATCH_MB``.
+def batch_size_for(budget_mb: float | None, image_size: int, *, in_use_mb: float = 0.0, kept_mb: float | None = None,
+                   images: int = 0, feature_dim: int = 0) -> int:
+    """Images per backbone batch that keep the process's peak RSS within ``budget_mb`` MB.
+
+    Two stages must fit. Extracting features: what the process holds with its models loaded
+    (``in_use_mb``: Python, the runtimes and their models), the features of ``images`` images, then
+    each image's input and activations. Then, with the backbone released: what the process keeps
+    (``kept_mb``; None: the backbone is not released), the features, the statistics and the fit.
+    1 to 64; ConfigError naming the minimum when not even one image fits. None (an application's own
+    process, whose memory is not learn-task's to bound): batches of about ``UNBOUNDED_BATCH_MB``.
     """
     per_image = 4 * 3 * image_size * image_size * ACTIVATION_FACTOR / 2**20
     if budget_mb is None:
         return min(max(int(UNBOUNDED_BATCH_MB / per_image), 1), MAX_BATCH)
     if not 0 < budget_mb < float("inf"):
         raise ConfigError(f"--budget-mb is a positive number of MB, got {budget_mb!r}")
-    # Features (float32), then the statistics: residuals (float64) and min(N, D)^2 float64 arrays.
-    stats = 8 * images * feature_dim + STATS_COPIES * 8 * min(images, feature_dim) ** 2
-    reserve = (4 * images * feature_dim + stats) / 2**20 + SLACK_MB
-    batch = int((budget_mb - in_use_mb - reserve) / per_image)
-    if batch < 1:
-        minimum = np.ceil(in_use_mb + reserve + per_image)
+    features = 4 * images * feature_dim / 2**20
+    extracting = in_use_mb + features + SLACK_MB
+    stats = (8 * images * feature_dim + STATS_COPIES * 8 * min(images, feature_dim) ** 2) / 2**20
+    after = (in_use_mb if kept_mb is None else kept_mb) + features + stats + FIT_MB
+    batch = int((budget_mb - extracting) / per_image)
+    if batch < 1 or budget_mb < after:
+        minimum = np.ceil(max(extracting + per_image, after))
         raise ConfigError(f"--budget-mb {budget_mb:g} is below what learning {images} images at {image_size} px "
-                          f"needs here: pass --budget-mb {minimum:.0f} or more ({in_use_mb:.0f} MB for Python, the "
-                          f"runtime and its models, {reserve:.0f} MB for features and statistics, {per_image:.0f} MB "
-                          "per image of a batch)")
+                          f"needs here: pass --budget-mb {minimum:.0f} or more (extracting features: {in_use_mb:.0f} "
+                          f"MB for Python, the runtime and its models, {features + SLACK_MB:.0f} MB for features and "
+                          f"slack, {per_image:.0f} MB per image of a batch; then {after:.0f} MB for the statistics and "
+                          "the fit, the backbone released)")
     return min(batch, MAX_BATCH)
 
 
@@ -281,14 +292,22 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
     batch_size_for(budget_mb, bundle.preprocess.image_size)  # a malformed budget fails before any model loads
     with ExitStack() as stack:
         # Runners are activated before the lock: a missing engine or runtime fails with the bundle untouched.
-        if backbone is None:
-            backbone = stack.enter_context(backbone_runner(bundle, runtime, precision))
         heads_of = stack.enter_context(generator_runner(bundle))
         # The step graph is tiny: one thread beats a pool's hand-offs.
         objective = PrototypeObjective(
             stack.enter_context(create_runner("onnxruntime-cpu", bundle.graph_path("learner_step"), threads=1)))
-        # Measured once the models are loaded: the budget is the process's peak RSS, all of it.
-        batch = batch_size_for(budget_mb, bundle.preprocess.image_size, in_use_mb=current_rss_mb(),
+        # The budget is the process's peak RSS, all of it: measured once the models are loaded (building a
+        # session leaves freed memory behind, given back first), and without the backbone, which is released
+        # once the features are extracted unless the caller lent it.
+        release_freed_memory()
+        kept_mb = current_rss_mb()
+        own_backbone = stack.enter_context(ExitStack())
+        if backbone is None:
+            backbone = own_backbone.enter_context(backbone_runner(bundle, runtime, precision))
+        else:
+            kept_mb = None
+        release_freed_memory()
+        batch = batch_size_for(budget_mb, bundle.preprocess.image_size, in_use_mb=current_rss_mb(), kept_mb=kept_mb,
                                images=len(task.labels), feature_dim=bundle.feature_dim)
         batch = min(batch, backbone.max_batch or batch)
         stack.enter_context(bundle.lock(lock_wait_s))
@@ -297,9 +316,15 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
             warn_ignored(task.folders)
         log.info("extracting features of %d images on %s, batch %d", len(task.labels), backbone.name, batch)
         extracted = extract_features(backbone, task.stream(bundle.preprocess, batch), task.labels, bundle, progress)
+        runtime_name = backbone.name
+        own_backbone.close()  # its weights and arena make room for the statistics and the fit
+        release_freed_memory()
         if task.folders is not None:
             check_no_class_empty(task.folders, extracted.labels, extracted.skipped)  # its error names the skipped files
         warn_skipped(extracted.skipped, len(task.labels))
+        # Before the fit, whose arrays and arenas would otherwise sit under the statistics' work.
+        stats = _task_free_stats(bundle, extracted, len(task.class_names))
+        release_freed_memory()  # the statistics' temporaries: 4 MB off the fit's peak (docs/benchmarks.md)
 
         train, val = split_train_val(extracted.labels, task.class_names, val_fraction, seed)
         everything = np.arange(len(extracted.labels))
@@ -322,7 +347,7 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
         record = bundle.add_task(name=name, class_names=task.class_names, prototypes=result.prototypes,
                                  images_seen=len(extracted.labels), source="device", replace=replace,
                                  accuracy=val_acc if val_acc is not None else train_acc,
-                                 stats=_task_free_stats(bundle, extracted, len(task.class_names)),
+                                 stats=stats,
                                  precision=precision)
     return LearnReport(
         name=name,
@@ -336,7 +361,7 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
         final_loss=result.final_loss,
         steps=result.steps,
         converged=result.converged,
-        runtime=backbone.name,
+        runtime=runtime_name,
         precision=precision,
         batch_size=batch,
         feature_images_per_s=len(extracted.labels) / extracted.seconds if extracted.seconds > 0 else None,

@@ -26,7 +26,7 @@ def learn_task(
     folder: Path = typer.Argument(..., help="The new task's images: FOLDER/<class>/*.png|jpg|jpeg|bmp, 2 classes or more."),
     bundle: Path = BUNDLE_OPTION,
     name: Optional[str] = typer.Option(None, help="Task name (default: the folder's name)."),
-    budget_mb: float = typer.Option(300, help="Peak memory of this process in MB (Python, runtime, models, features, batches); sizes the backbone batch, and a budget below the minimum is refused naming it."),
+    budget_mb: float = typer.Option(300, help="Peak memory of this process in MB (Python, runtime, models, features, batches; then the statistics and the fit, the backbone released); sizes the backbone batch, and a budget below the minimum is refused naming it."),
     runtime: str = RUNTIME_OPTION,
     precision: str = typer.Option("fp32", help="Backbone: fp32, or int8 (the model `pah-edge calibrate` installed); the task records it."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a task of the same name."),

@@ -124,19 +124,21 @@ def task_stats(features: np.ndarray, labels: np.ndarray, classes: int) -> TaskSt
     z = transform(features)
     means, counts = class_means(z, labels, classes)
     dim = z.shape[1]
-    residuals = class_residuals(z, labels, means)  # the scatter is residuals.T @ residuals
     keep = min(classes, dim)
-    if len(residuals) < dim:
-        # Fewer images than dimensions (a device task): the scatter's top directions from the N x N Gram
-        # matrix, whose eigen-decomposition needs a fraction of a D x D one's memory (8 vs 64 MB at
-        # N = 1,000, D = 1280). The factor's rows u_k' R = sqrt(l_k) v_k are the same as the D x D route's.
-        values, u = np.linalg.eigh(residuals @ residuals.T)
-        factor = u[:, -keep:].T @ residuals
+    residuals = class_residuals(z, labels, means)  # the scatter is residuals.T @ residuals
+    # Fewer images than dimensions (a device task): the scatter's top directions from the N x N Gram
+    # matrix, whose eigen-decomposition needs a fraction of a D x D one's memory (31 vs 64 MB at
+    # N = 1,000, D = 1280). The factor's rows u_k' R = sqrt(l_k) v_k are the same as the D x D route's.
+    few = len(z) < dim
+    gram = residuals @ residuals.T if few else residuals.T @ residuals  # either trace is the total scatter
+    del residuals  # not held through the eigen-decomposition, the peak of a device's memory: recomputed below
+    values, vectors = np.linalg.eigh(gram)
+    if few:
+        factor = vectors[:, -keep:].T @ class_residuals(z, labels, means)
     else:
-        values, vectors = np.linalg.eigh(residuals.T @ residuals)
         factor = (vectors[:, -keep:] * np.sqrt(np.clip(values[-keep:], 0, None))).T
     top = np.clip(values[-keep:], 0, None).sum()
-    return TaskStats(means, counts, factor, float((np.einsum("nd,nd->", residuals, residuals) - top) / dim))
+    return TaskStats(means, counts, factor, float((np.trace(gram) - top) / dim))
 
 
 class TaskFreeRule:
