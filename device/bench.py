@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
+from pah_edge.bundle_layout import ENGINE_PRECISIONS
 from pah_edge.device.bench_components import (COMPONENTS, LEARN_TASK_RUNS, PREDICTION, Context, Skipped,
                                               component_precisions, pair_with_torch, skip)
 from pah_edge.device.bench_inputs import DEFAULT_CLASSES, IMAGES_PER_CLASS, prepare_inputs, scratch_bundle
@@ -34,7 +35,6 @@ log = logging.getLogger("pah_edge")
 
 # Measured in this order: torch last, so that its libraries are not yet in memory during the others' rows.
 RUNTIMES = ("onnxruntime", "tensorrt", "torch")
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +62,7 @@ class BenchConfig:
     backbone and generator, torch); None leaves each runtime's default (one per core)."""
 
     runtimes: tuple[str, ...] = RUNTIMES
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = ENGINE_PRECISIONS
     batches: tuple[int, ...] = (1, 8, 32)
     iterations: int = 50
     warmup: int = 10
@@ -71,7 +71,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         _check_choices("--runtime", self.runtimes, RUNTIMES, extra="all")
-        _check_choices("--precision", self.precisions, PRECISIONS)
+        _check_choices("--precision", self.precisions, ENGINE_PRECISIONS)
         if not self.batches or min(self.batches) < 1:
             raise ConfigError(f"--batch takes positive whole numbers such as 1,8,32; got {_listed(self.batches)}")
         if self.iterations < 1 or self.warmup < 0:
@@ -80,7 +80,7 @@ class BenchConfig:
             raise ConfigError(f"--threads must be >= 1 (or left out for each runtime's default); got {self.threads}")
         # Canonical order and no repeats: the table and the JSON read the same whatever the typing.
         object.__setattr__(self, "runtimes", tuple(r for r in RUNTIMES if r in self.runtimes))
-        object.__setattr__(self, "precisions", tuple(p for p in PRECISIONS if p in self.precisions))
+        object.__setattr__(self, "precisions", tuple(p for p in ENGINE_PRECISIONS if p in self.precisions))
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
 
     @classmethod

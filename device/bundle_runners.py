@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pah_edge.bundle import Bundle
+from pah_edge.bundle_layout import BACKBONE_MODELS, ENGINES_FOR_MODEL
 from pah_edge.device.runtimes import Runner, RuntimeUnavailable, create_runner, pick_runtime
 from pah_edge.errors import ConfigError, PahEdgeError
 
@@ -18,47 +19,43 @@ log = logging.getLogger("pah_edge")
 
 # What a user may ask for; "torch" is a reference runtime for checks, not for devices.
 DEVICE_RUNTIMES = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
-# Which backbone a user asks for: the float model (default) or the calibrated INT8 one. INT8 changes
-# the features, so it is never picked behind the user's back, even when its engine is built.
-PRECISIONS = ("fp32", "int8")
-# The engines that serve each precision, fastest first: an FP16 engine runs the float model.
-ENGINE_PRECISIONS = {"fp32": ("fp16", "fp32"), "int8": ("int8",)}
 
 
-def backbone_engine(bundle: Bundle, precision: str = "fp32") -> Path | None:
-    """The backbone engine of the fastest precision built for ``precision``, or None."""
-    return next((e for p in ENGINE_PRECISIONS[precision] if (e := bundle.layout.engine(p)).is_file()), None)
+def backbone_engine(bundle: Bundle, model: str = "fp32") -> Path | None:
+    """The fastest TensorRT engine built for the backbone ``model`` (fp32 or int8), or None."""
+    return next((e for p in ENGINES_FOR_MODEL[model] if (e := bundle.layout.engine(p)).is_file()), None)
 
 
-def backbone_runner(bundle: Bundle, runtime: str = "auto", precision: str = "fp32") -> Runner:
+def backbone_runner(bundle: Bundle, runtime: str = "auto", model: str = "fp32") -> Runner:
     """A runner for images [N, 3, S, S] -> features [N, D].
 
     ``auto``: the bundle's TensorRT engine when TensorRT works here and an engine is built, else ONNX
     Runtime on CUDA, else on the CPU. ``tensorrt`` without a built engine is an error naming the fix.
-    ``precision`` int8 runs ``backbone.int8.onnx`` (or its engine), which `pah-edge calibrate` must
-    have installed; fp32 runs the exported float backbone (or its FP16/FP32 engine).
+    ``model`` int8 runs ``backbone.int8.onnx`` (or its engine), which `pah-edge calibrate` must have
+    installed; fp32 runs the exported float backbone (or its FP16/FP32 engine). INT8 changes the
+    features, so it is never picked behind the user's back, even when its engine is built.
     """
     if runtime not in DEVICE_RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}: choose one of {', '.join(DEVICE_RUNTIMES)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    model = bundle.graph_path("backbone") if precision == "fp32" else _int8_model(bundle)
+    if model not in BACKBONE_MODELS:
+        raise ConfigError(f"unknown precision {model!r}: choose one of {', '.join(BACKBONE_MODELS)}")
+    graph = bundle.graph_path("backbone") if model == "fp32" else _int8_model(bundle)
     kind, skipped = pick_runtime(runtime)
     for reason in skipped:
         log.debug("runtime skipped: %s", reason)
     if kind == "tensorrt":
-        engine = backbone_engine(bundle, precision)
+        engine = backbone_engine(bundle, model)
         if engine is not None:
             return create_runner("tensorrt", engine)
-        flag = " --precision int8" if precision == "int8" else ""
+        flag = " --precision int8" if model == "int8" else ""
         fix = f"build one with `pah-edge build-engine {bundle.path}{flag}`"
         if runtime == "tensorrt":
-            raise PahEdgeError(f"no {precision} TensorRT engine in {bundle.layout.engines_dir}: {fix}, "
+            raise PahEdgeError(f"no {model} TensorRT engine in {bundle.layout.engines_dir}: {fix}, "
                                "or pass --runtime onnxruntime")
-        log.info("no %s TensorRT engine in %s, using ONNX Runtime (%s for speed)", precision,
+        log.info("no %s TensorRT engine in %s, using ONNX Runtime (%s for speed)", model,
                  bundle.layout.engines_dir, fix)
         kind = _best_onnxruntime()
-    return create_runner(kind, model)
+    return create_runner(kind, graph)
 
 
 def _int8_model(bundle: Bundle) -> Path:

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from pah_edge.bundle import Bundle, BundleError, TaskRecord
-from pah_edge.device.bundle_runners import PRECISIONS, backbone_runner, features, generator_runner
+from pah_edge.bundle_layout import BACKBONE_MODELS
+from pah_edge.device.bundle_runners import backbone_runner, features, generator_runner
 from pah_edge.device.images import BatchStream, describe_skipped, warn_skipped
 from pah_edge.device.runtimes import Runner
 from pah_edge.errors import ConfigError, DataError, PahEdgeError
+from pah_edge.folders import images_under
 from pah_edge.preprocess import IMAGE_SUFFIXES, to_input
 from pah_edge.task_free import SharedStats, TaskFreeRule
 
@@ -41,22 +43,12 @@ def image_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += _walk(path)
+            found += images_under(path)
         elif path.is_file():
             found.append(path)
         else:
             raise DataError(f"no file or folder {path}: check the path")
     return found
-
-
-def _walk(folder: Path) -> list[Path]:
-    files = []
-    # followlinks=False (the default): a symlink loop cannot recurse forever.
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [Path(root, n) for n in sorted(names)
-                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
-    return files
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -76,8 +68,8 @@ class Predictor:
     """
 
     def __init__(self, bundle: Bundle, *, runtime: str = "auto", precision: str = "auto"):
-        if precision not in ("auto", *PRECISIONS):
-            raise ConfigError(f"unknown precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
+        if precision not in ("auto", *BACKBONE_MODELS):
+            raise ConfigError(f"unknown precision {precision!r}: choose auto, {', '.join(BACKBONE_MODELS)}")
         self.bundle, self.runtime, self.precision = bundle, runtime, precision
         self.backbone = backbone_runner(bundle, runtime, "fp32" if precision == "auto" else precision)
         self._int8: Runner | None = None  # precision auto: started for the first task learned on INT8

@@ -24,11 +24,10 @@ from pathlib import Path
 
 from pah_edge.atomic import atomic_write_bytes, atomic_write_json
 from pah_edge.bundle import Bundle
-from pah_edge.bundle_layout import TIMING_CACHE_NAME, BundleLayout
+from pah_edge.bundle_layout import ENGINE_PRECISIONS, TIMING_CACHE_NAME, BundleLayout
 from pah_edge.device.runtimes.tensorrt import gpu_identity, load_tensorrt, sidecar_path
 from pah_edge.errors import PahEdgeError
 
-PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_PRECISION = "fp16"
 DEFAULT_BATCHES = (1, 8, 32)  # the optimisation profile: min, opt, max
 DEFAULT_WORKSPACE_MB = 1024
@@ -39,8 +38,8 @@ class TensorRTBuildError(PahEdgeError):
 
 
 def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise TensorRTBuildError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in ENGINE_PRECISIONS:
+        raise TensorRTBuildError(f"unknown precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
 
 
 def backbone_onnx(bundle_dir: Path, precision: str) -> Path:

@@ -25,6 +25,13 @@ ENGINES_DIR = "engines"
 ENGINE_SUFFIX = ".engine"
 TIMING_CACHE_NAME = "timing.cache"
 
+# "Precision" means two things, kept apart here. A backbone model is which ONNX backbone computes the
+# features: the exported float one or the calibrated INT8 one (tasks record it: it changes features).
+# An engine precision is how TensorRT compiles one of them; an FP16 or FP32 engine runs the float model.
+BACKBONE_MODELS = ("fp32", "int8")
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+ENGINES_FOR_MODEL = {"fp32": ("fp16", "fp32"), "int8": ("int8",)}  # fastest first
+
 
 @dataclass(frozen=True)
 class TensorSpec:
