@@ -22,6 +22,7 @@ from pah_edge.device.images import BatchStream, check_no_class_empty, scan_class
 from pah_edge.device.learner import accuracy
 from pah_edge.device.runtimes import create_runner
 from pah_edge.errors import DataError
+from pah_edge.folders import subfolders
 
 TOP_LAYERS = 5
 
@@ -40,7 +41,7 @@ def eval_task_folders(bundle: Bundle, eval_dir: Path | None) -> dict[str, Path]:
     if not root.is_dir():
         raise DataError(f"--eval {root} is not a folder: lay it out as EVAL/<task>/<class>/<images>")
     names = [t.name for t in bundle.tasks()]
-    folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    folders = {p.name: p for p in subfolders(root)}
     unknown = sorted(set(folders) - set(names))
     if unknown:
         raise DataError(f"--eval {root} has folders for tasks the bundle lacks ({', '.join(unknown)}); registered "

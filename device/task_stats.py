@@ -18,6 +18,7 @@ from pah_edge.device.bundle_runners import backbone_runner, features
 from pah_edge.device.images import BatchStream, check_no_class_empty, scan_class_folders, warn_skipped
 from pah_edge.device.runtimes import Runner
 from pah_edge.errors import DataError
+from pah_edge.folders import subfolders
 from pah_edge.preprocess import to_input
 from pah_edge.progress import progress_bar
 from pah_edge.report import Report
@@ -95,7 +96,7 @@ def task_features_from_folder(bundle: Bundle, folder: str | Path, *, progress: b
     if not root.is_dir():
         raise DataError(f"--images {root} is not a folder: give DIR/<task>/<class>/* for the bundle's tasks")
     registered = {r.name: r for r in bundle.tasks()}
-    found = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name in registered]
+    found = [p for p in subfolders(root) if p.name in registered]
     if not found:
         raise DataError(f"{root} has no folder named after a task of {bundle.path} "
                         f"({', '.join(registered) or 'none'}): lay it out as DIR/<task>/<class>/*")

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from pah_edge.errors import DataError
+from pah_edge.folders import images_under
 from pah_edge.preprocess import IMAGE_SUFFIXES, Preprocess, load_image, to_input
 
 SEED = 0
@@ -32,7 +33,7 @@ def folder_images(folder: Path, preprocess: Preprocess, *, limit: int = MAX_FOLD
     """Up to ``limit`` images found recursively in ``folder``, preprocessed: float32 [n, 3, S, S]."""
     if not folder.is_dir():
         raise DataError(f"--images {folder} is not a folder; give a folder of .png/.jpg images")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    files = images_under(folder)[:limit]
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}; give a folder that holds some")
     return to_input(np.stack([load_image(f, preprocess) for f in files]), preprocess)

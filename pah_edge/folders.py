@@ -7,6 +7,7 @@ the device side never imports the workstation's dataset loaders.
 from __future__ import annotations
 
 import numbers
+import os
 import zlib
 from pathlib import Path
 
@@ -25,6 +26,17 @@ def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+
+
+def images_under(folder: Path) -> list[Path]:
+    """Every visible image file under ``folder``, recursively, in sorted order (hidden folders skipped)."""
+    files = []
+    # followlinks=False (the default): a symlink loop cannot recurse forever.
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root, n) for n in sorted(names)
+                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return files
 
 
 def class_rng(seed: int, *keys: str | int) -> np.random.Generator:
