@@ -42,16 +42,16 @@ log = logging.getLogger("pah_edge")
 
 MAX_BATCH = 64
 # Bytes per image of a batch: its float32 input x this, for the runtime's activations and arena
-# (fitted on EfficientNet-Lite0 at 224 px: the arena grows faster than the batch, 12 to 19 MB per image;
-# docs/benchmarks.md, "learn-task's budget").
+# (fitted on EfficientNet-Lite0 at 224 px, where the arena grows faster than the batch: docs/benchmarks.md,
+# "learn-task's budget", as are the two constants below).
 ACTIVATION_FACTOR = 36
 SLACK_MB = 32  # while features are extracted: decoded images, Python's own growth
 # Once the backbone is released, the task-free statistics' work: an N x D float64 array's worth and
 # this many min(N, D)^2 float64 arrays (the Gram matrix, its eigen-decomposition's copy, workspace and
-# vectors; fitted with 100, 1,000 and 1,990 images, docs/benchmarks.md).
+# vectors; fitted with 100 to 1,990 images).
 STATS_COPIES = 3
 # ... and the rest after the backbone: the bundle's shared statistics, a linear generator's basis heads,
-# the fit's runtime arenas and arrays (59 MB measured with 100 images at D = 1280).
+# the fit's runtime arenas and arrays.
 FIT_MB = 64
 UNBOUNDED_BATCH_MB = 75  # a batch's share without a budget (6 images at 224 px)
 
@@ -324,7 +324,7 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
         warn_skipped(extracted.skipped, len(task.labels))
         # Before the fit, whose arrays and arenas would otherwise sit under the statistics' work.
         stats = _task_free_stats(bundle, extracted, len(task.class_names))
-        release_freed_memory()  # the statistics' temporaries: 4 MB off the fit's peak (docs/benchmarks.md)
+        release_freed_memory()  # the statistics' temporaries, off the fit's peak
 
         train, val = split_train_val(extracted.labels, task.class_names, val_fraction, seed)
         everything = np.arange(len(extracted.labels))

@@ -302,7 +302,7 @@ class Bundle:
         """Registered tasks in registration order (an absent registry means none).
 
         Parsed again only when the registry file changed (inode, mtime or size): a camera loop that
-        predicts frame by frame pays one stat per call, not a JSON parse (~0.4 ms). Every write
+        predicts frame by frame pays one stat per call, not a JSON parse. Every write
         replaces the file by rename, so a new registry always has a new inode.
         """
         registry = self.layout.registry

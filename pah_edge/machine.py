@@ -82,7 +82,7 @@ def release_freed_memory() -> None:
     """Give the heap's freed pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
 
     glibc keeps freed small blocks for reuse, so the resident memory of a process that built and
-    dropped big temporaries (an ONNX Runtime session's graph optimisation leaves about 30 MB) stays
+    dropped big temporaries (an ONNX Runtime session's graph optimisation leaves some) stays
     high until it is trimmed.
     """
     try:
