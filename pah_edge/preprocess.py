@@ -23,9 +23,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")  # compare with the lower-cased suffix
 # How the centre square becomes image_size x image_size (``resize_image``). A bundle names its rule
 # and keeps it: a model sees the pixels it was trained on. The legacy rule filters the square
-# bilinearly in one pass (1.2 ms for a 640 x 480 frame at 144 px on this project's VM). The area
-# rule, the default since 2026-12, shrinks as OpenCV's INTER_AREA does: it averages whole k x k
-# blocks (Pillow's reduce), then box-filters the less than 2x left (0.45 ms); it enlarges bilinearly.
+# bilinearly in one pass. The area rule, the default since 2026-12 and about twice as fast on a
+# camera frame (docs/benchmarks.md), shrinks as OpenCV's INTER_AREA does: it averages whole k x k
+# blocks (Pillow's reduce), then box-filters the less than 2x left; it enlarges bilinearly.
 LEGACY_RESIZE = "resize_shorter_center_crop"
 AREA_RESIZE = "area_shorter_center_crop"
 RESIZE_RULES = (LEGACY_RESIZE, AREA_RESIZE)

@@ -114,7 +114,7 @@ def _format_all(items: dict) -> str:
 def check_feeds(specs: dict[str, Spec], feeds: dict[str, np.ndarray]) -> None:
     """Raise RuntimeInputError unless ``feeds`` match ``specs`` exactly; nothing is cast silently.
 
-    Runs before every inference: the messages are formatted only for a mismatch (that took 0.05 ms a frame).
+    Runs before every inference: the messages are formatted only for a mismatch.
     """
     def given() -> str:
         return _format_all({n: _format_feed(a) for n, a in feeds.items()})
