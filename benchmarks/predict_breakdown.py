@@ -1,19 +1,26 @@
-"""Where end-to-end prediction's time goes beyond the backbone, per image file, at batch 1.
+"""Where prediction's time goes beyond the backbone, per image file and per in-memory frame, at batch 1.
 
 For each image file given (or the frame sizes in ``--synthetic``, written as JPEG quality 90 the way
 `pah-edge bench` writes its synthetic frame), times in alternating order so that every part sees
-the same machine: ``decode`` (open, JPEG draft, decode), ``resize`` (to the bundle's input, RGB),
-``to_input`` (normalise, NCHW float32), ``backbone`` (ONNX Runtime CPU) and ``predict`` (the whole
-``Predictor.predict`` call, registry and cached head included). ``overhead`` is predict / backbone - 1,
-the quantity the bench issue bounds at 20 %.
+the same machine: ``decode`` (open, JPEG draft, decode), ``resize`` (the decoded file to the bundle's
+input), ``frame`` (the same picture as a full-size frame in memory: ``frame_image``), ``to_input``
+(normalise, NCHW float32), ``scores`` (the task-free rule over every task), ``backbone`` (ONNX Runtime
+CPU) and the whole calls: ``predict`` (``Predictor.predict`` of the file) and ``predict_frame``
+(``Device.predict`` of the frame), both with the bench task given, registry and cached head included.
+``overhead`` and ``frame_overhead`` are their ratios to the backbone minus 1, the quantities the
+frame issue bounds at 30 % and 10 %.
 
-    python benchmarks/predict_breakdown.py /tmp/bench-work/bundle-mnv3l-224 --synthetic 224 320 640x480 1280x720 \\
+The single-threaded parts are also timed in CPU time of the calling thread (``cpu_ms``): on a machine
+whose other jobs take turns on the cores, wall time counts their turns too, CPU time does not.
+
+    python benchmarks/predict_breakdown.py /tmp/frames-demo/bundle --synthetic 640x480 \\
         --out benchmarks/results/predict_breakdown.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -25,13 +32,13 @@ from PIL import Image
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
-from pah_edge.machine import library_versions
-from pah_edge.device.bench_inputs import BENCH_TASK, scratch_bundle, synthetic_images
-from pah_edge.device.predict import Predictor
-from pah_edge.machine import machine_info
-from pah_edge.preprocess import resize_image, to_input
+from pah_edge.device.api import Device
+from pah_edge.device.bench_inputs import BENCH_TASK, prepare_inputs, scratch_bundle, synthetic_images
+from pah_edge.machine import library_versions, machine_info
+from pah_edge.preprocess import frame_image, resize_image, to_input
 
-PARTS = ("decode", "resize", "to_input", "backbone", "predict")
+PARTS = ("decode", "resize", "frame", "to_input", "scores", "backbone", "predict", "predict_frame")
+SINGLE_THREADED = ("decode", "resize", "frame", "to_input", "scores")
 
 
 def main() -> None:
@@ -52,17 +59,19 @@ def main() -> None:
         files = list(args.images) + [_synthetic_frame(work, size) for size in args.synthetic]
         if not files:
             parser.error("give image files and/or --synthetic sizes")
-        scratch = scratch_bundle(bundle, work, classes=10)
-        with Predictor(scratch, runtime="onnxruntime-cpu") as predictor:
+        scratch = scratch_bundle(bundle, work, prepare_inputs(bundle.preprocess, None, work, classes=10), classes=10)
+        with Device(scratch, runtime="onnxruntime-cpu") as device:
             for file in files:
-                rows.append(breakdown(predictor, file, args.iterations))
+                rows.append(breakdown(device, file, args.iterations))
                 r = rows[-1]
                 print(f"{r['file']} ({r['width']}x{r['height']}, {r['kb']:.0f} KB): "
                       + ", ".join(f"{p} {r['p50_ms'][p]:.2f}" for p in PARTS)
-                      + f" ms; overhead {100 * r['overhead']:+.0f} %", file=sys.stderr)
+                      + f" ms; overhead {100 * r['overhead']:+.0f} %, frame {100 * r['frame_overhead']:+.0f} %; CPU "
+                      + ", ".join(f"{p} {r['cpu_ms'][p]:.2f}" for p in SINGLE_THREADED), file=sys.stderr)
     atomic_write_json(args.out, {"command": "python " + " ".join(sys.argv), "date": date.today().isoformat(),
                                  "machine": machine_info(), "versions": library_versions(),
-                                 "bundle": str(args.bundle), "image_size": bundle.preprocess.image_size,
+                                 "bundle": str(args.bundle), "load_average": os.getloadavg(),
+                                 "image_size": bundle.preprocess.image_size, "resize": bundle.preprocess.resize,
                                  "rows": rows})
     print(f"-> {args.out}", file=sys.stderr)
 
@@ -75,13 +84,14 @@ def _synthetic_frame(work: Path, size: str) -> Path:
     return path
 
 
-def breakdown(predictor: Predictor, file: Path, iterations: int) -> dict:
-    """Median ms of each part over ``iterations`` rounds, the parts timed in turn within a round."""
+def breakdown(device: Device, file: Path, iterations: int) -> dict:
+    """Median wall and CPU ms of each part over ``iterations`` rounds, the parts timed in turn within a round."""
+    predictor = device.predictor
     pre = predictor.bundle.preprocess
     size = pre.image_size
-    times: dict[str, list[float]] = {p: [] for p in PARTS}
     with Image.open(file) as probe:
         width, height = probe.size
+        frame = np.asarray(probe.convert("RGB"))
 
     def decode():
         with Image.open(file) as img:
@@ -92,20 +102,28 @@ def breakdown(predictor: Predictor, file: Path, iterations: int) -> dict:
     img = decode()
     pixels = resize_image(img, pre)
     batch = to_input(pixels[None], pre)
-    steps = {"decode": decode, "resize": lambda: resize_image(img, pre), "to_input": lambda: to_input(pixels[None], pre),
+    features = predictor.backbone.infer({"images": batch})["features"]
+    rule = predictor.rule()
+    steps = {"decode": decode, "resize": lambda: resize_image(img, pre), "frame": lambda: frame_image(frame, pre),
+             "to_input": lambda: to_input(pixels[None], pre), "scores": lambda: rule.scores(features),
              "backbone": lambda: predictor.backbone.infer({"images": batch}),
-             "predict": lambda: predictor.predict([file], task=BENCH_TASK, batch_size=1)}
+             "predict": lambda: predictor.predict([file], task=BENCH_TASK, batch_size=1),
+             "predict_frame": lambda: device.predict(frame, task=BENCH_TASK)}
+    walls: dict[str, list[float]] = {p: [] for p in PARTS}
+    cpus: dict[str, list[float]] = {p: [] for p in PARTS}
     for _ in range(10):  # warm-up
         for step in steps.values():
             step()
     for _ in range(iterations):
         for part, step in steps.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             step()
-            times[part].append((time.perf_counter() - start) * 1e3)
-    p50 = {part: float(np.median(t)) for part, t in times.items()}
+            walls[part].append((time.perf_counter() - start) * 1e3)
+            cpus[part].append((time.thread_time() - cpu) * 1e3)
+    p50 = {part: float(np.median(t)) for part, t in walls.items()}
     return {"file": file.name, "width": width, "height": height, "kb": file.stat().st_size / 1024, "p50_ms": p50,
-            "overhead": p50["predict"] / p50["backbone"] - 1}
+            "cpu_ms": {part: float(np.median(cpus[part])) for part in SINGLE_THREADED},
+            "overhead": p50["predict"] / p50["backbone"] - 1, "frame_overhead": p50["predict_frame"] / p50["backbone"] - 1}
 
 
 if __name__ == "__main__":

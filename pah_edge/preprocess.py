@@ -21,7 +21,14 @@ from pah_edge.errors import ConfigError, DataError, FrameError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")  # compare with the lower-cased suffix
-RESIZE_RULES = ("resize_shorter_center_crop",)
+# How the centre square becomes image_size x image_size (``resize_image``). A bundle names its rule
+# and keeps it: a model sees the pixels it was trained on. The legacy rule filters the square
+# bilinearly in one pass. The area rule, the default since 2026-12 and about twice as fast on a
+# camera frame (docs/benchmarks.md), shrinks as OpenCV's INTER_AREA does: it averages whole k x k
+# blocks (Pillow's reduce), then box-filters the less than 2x left; it enlarges bilinearly.
+LEGACY_RESIZE = "resize_shorter_center_crop"
+AREA_RESIZE = "area_shorter_center_crop"
+RESIZE_RULES = (LEGACY_RESIZE, AREA_RESIZE)
 # Larger images are refused before decoding: 50 megapixels already take 150 MB as RGB, and
 # crafted files (decompression bombs) declare far more than that in a few bytes.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -37,7 +44,7 @@ class Preprocess:
     image_size: int  # output is image_size x image_size, pixels
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per RGB channel, on the 0..1 scale
     std: tuple[float, float, float] = IMAGENET_STD  # per RGB channel, on the 0..1 scale
-    resize: str = "resize_shorter_center_crop"
+    resize: str = AREA_RESIZE
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -79,7 +86,7 @@ def _three_floats(name: str, value: Any, *, positive: bool) -> tuple[float, floa
 
 
 def resize_image(img: Image.Image, pre: Preprocess) -> np.ndarray:
-    """Resize the shorter side to pre.image_size (bilinear) and centre-crop; uint8 [S, S, 3] RGB.
+    """The centre square of ``img`` resized to pre.image_size (``pre.resize``); uint8 [S, S, 3] RGB.
 
     Any mode is accepted. Transparent images (RGBA, LA, P with transparency) are composited on
     black, then alpha is dropped. 16-bit images (I;16, I) are scaled from 0..65535 to 0..255.
@@ -87,14 +94,32 @@ def resize_image(img: Image.Image, pre: Preprocess) -> np.ndarray:
     img = _gray_or_rgb(img)
     size = pre.image_size
     width, height = img.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    # Resizing just the central square (box) equals resizing the whole image and cropping
-    # afterwards: Pillow still filters across the box edge. It skips the cropped-away pixels.
-    out = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)))
+    if pre.resize == LEGACY_RESIZE:
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        # Resizing just the central square (box) equals resizing the whole image and cropping
+        # afterwards: Pillow still filters across the box edge. It skips the cropped-away pixels.
+        out = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    else:
+        left, top, side, factor = centre_square(width, height, pre)
+        # reduce() reads only the box's pixels: a frame cropped to it first gives the same pixels.
+        out = img.reduce(factor, box=(left, top, left + side, top + side))
+        if out.size != (size, size):
+            shrink = out.size[0] > size
+            out = out.resize((size, size), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+    out = np.asarray(out)
     if out.ndim == 2:  # gray: resized as one channel, 3x cheaper than resizing RGB
         out = np.repeat(out[:, :, None], 3, axis=2)
     return out
+
+
+def centre_square(width: int, height: int, pre: Preprocess) -> tuple[int, int, int, int]:
+    """(left, top, side, factor) of the area rule: the centre square, its side a
+    multiple of the whole factor (side // image_size, at least 1) that it is box-averaged by."""
+    side = min(width, height)
+    factor = max(1, side // pre.image_size)
+    side -= side % factor  # whole blocks only: at most factor - 1 edge pixels are dropped
+    return (width - side) // 2, (height - side) // 2, side, factor
 
 
 def _gray_or_rgb(img: Image.Image) -> Image.Image:
@@ -149,6 +174,9 @@ def frame_image(frame: Any, pre: Preprocess, *, bgr: bool = False) -> np.ndarray
     frame = check_frame(frame)
     if frame.ndim == 3 and bgr:
         frame = frame[:, :, ::-1]
+    if pre.resize == AREA_RESIZE:  # only the centre square is read: copy just that into Pillow
+        left, top, side, _ = centre_square(frame.shape[1], frame.shape[0], pre)
+        frame = frame[top:top + side, left:left + side]
     # The same resize_image as files: a frame and its PNG give the network the same pixels.
     return resize_image(Image.fromarray(np.ascontiguousarray(frame)), pre)
 

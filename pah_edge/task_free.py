@@ -159,18 +159,24 @@ class TaskFreeRule:
         covariance = scatter / max(count, 1)
         dim = covariance.shape[0]
         covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * np.trace(covariance) / dim * np.eye(dim)
-        self.precision = np.linalg.inv(covariance).astype(np.float32)
-        self.weights = (means @ self.precision).astype(np.float32)  # [K, D]
-        self.bias = (-0.5 * np.einsum("kd,kd->k", self.weights, means)).astype(np.float32)
+        precision = np.linalg.inv(covariance)
+        weights = means @ precision  # [K, D]: score_k = mu_k'P z - mu_k'P mu_k / 2
+        self.bias = (-0.5 * np.einsum("kd,kd->k", weights, means)).astype(np.float32)
+        # Per frame one float32 product z @ [P | W'] gives z'P (for novelty's z'Pz) and the K scores;
+        # P's D x D floats are most of the work, as z'Pz has no cheaper exact form.
+        self.linear_map = np.concatenate([precision, weights.T], axis=1).astype(np.float32)  # [D, D + K]
+        self.mean = shared.mean.astype(np.float32)
 
     def scores(self, features: np.ndarray, task: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(discriminant scores [N, K] over every class, novelty [N]); novelty against the classes of
         ``tasks[task]`` alone when ``task`` is given."""
-        z = transform(features, self.shared.mean).astype(np.float32)
-        scores = z @ self.weights.T + self.bias
+        z = transform(np.asarray(features, np.float32), self.mean)
+        dim = z.shape[1]
+        product = z @ self.linear_map
+        scores = product[:, dim:] + self.bias
         nearest = scores if task is None else scores[:, self.task_of == task]
         # min_k Mahalanobis^2 = z'Pz - 2 max_k (mu_k'Pz - mu_k'P mu_k / 2); divided by D for a per-axis scale.
-        novelty = (np.einsum("nd,nd->n", z @ self.precision, z) - 2 * nearest.max(axis=1)) / z.shape[1]
+        novelty = (np.einsum("nd,nd->n", product[:, :dim], z) - 2 * nearest.max(axis=1)) / dim
         return scores, novelty
 
 

@@ -9,7 +9,11 @@ from PIL import Image
 
 from pah_edge import preprocess
 from pah_edge.errors import ConfigError, DataError
-from pah_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_image, resize_image, to_input
+from pah_edge.workstation.data import load_image_folder
+from pah_edge.preprocess import (
+    AREA_RESIZE, IMAGENET_MEAN, IMAGENET_STD, LEGACY_RESIZE, Preprocess, frame_image, load_image, resize_image,
+    to_input,
+)
 
 PRE = Preprocess(image_size=8)
 
@@ -21,9 +25,11 @@ def test_round_trip_through_dict():
         "image_size": 32,
         "mean": [0.5, 0.5, 0.5],
         "std": [0.25, 0.5, 1.0],
-        "resize": "resize_shorter_center_crop",
+        "resize": AREA_RESIZE,
     }
     assert Preprocess.from_dict(d) == pre
+    legacy = Preprocess(image_size=32, resize=LEGACY_RESIZE)  # bundles exported before the area rule
+    assert Preprocess.from_dict(legacy.to_dict()) == legacy
     assert Preprocess.from_dict({"image_size": 224}) == Preprocess(image_size=224)
     assert Preprocess(image_size=8).mean == IMAGENET_MEAN and Preprocess(image_size=8).std == IMAGENET_STD
 
@@ -76,6 +82,59 @@ def test_shorter_side_is_resized_and_centre_cropped(size):
     img.paste((0, 255, 0), middle)
     out = resize_image(img, PRE)
     assert (out[1:-1, 1:-1] == (0, 255, 0)).all()
+
+
+def test_the_area_rule_averages_whole_blocks():
+    # 20 x 17 -> 8 x 8: the centre square (17) cut to whole 2 x 2 blocks (16: rows 0-15, columns
+    # 2-17), each output pixel its block's rounded mean.
+    image = np.random.default_rng(0).integers(0, 256, (17, 20, 3), np.uint8)
+    blocks = np.floor(image[:16, 2:18].reshape(8, 2, 8, 2, 3).mean(axis=(1, 3)) + 0.5)
+    assert (resize_image(Image.fromarray(image), PRE) == blocks).all()
+    # 9 blocks left for 8 pixels: the box filter spreads them, and a flat colour stays exact.
+    assert (resize_image(Image.new("RGB", (19, 18), (10, 200, 77)), PRE) == (10, 200, 77)).all()
+
+
+def test_the_legacy_rule_keeps_its_pixels():
+    # A bundle exported before the area rule still gets exactly the one bilinear pass it was trained on.
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (21, 30, 3), np.uint8))
+    expected = image.resize((8, 8), Image.Resampling.BILINEAR, box=(4.5, 0, 25.5, 21))
+    assert (resize_image(image, Preprocess(image_size=8, resize=LEGACY_RESIZE)) == np.asarray(expected)).all()
+
+
+SIZES = [(480, 640), (481, 643), (720, 1280), (28, 28), (100, 300), (300, 100), (145, 999), (5, 7)]
+
+
+@pytest.mark.parametrize("rule", [AREA_RESIZE, LEGACY_RESIZE])
+@pytest.mark.parametrize(("height", "width"), SIZES)
+def test_frames_files_and_the_training_side_give_the_same_pixels(tmp_path, rule, height, width):
+    # The device's frames (cropped before Pillow sees them), its PNG files, and the training side's
+    # in-memory datasets (resize_image of the array) are one function of the pixels.
+    pre = Preprocess(image_size=144, resize=rule)
+    rgb = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), np.uint8)
+    for frame in (rgb, rgb[:, :, 0]):
+        Image.fromarray(frame).save(tmp_path / "frame.png")
+        expected = resize_image(Image.fromarray(frame), pre)
+        assert expected.shape == (144, 144, 3)
+        assert (frame_image(frame, pre) == expected).all()
+        assert (load_image(tmp_path / "frame.png", pre) == expected).all()
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    assert (frame_image(bgr, pre, bgr=True) == resize_image(Image.fromarray(rgb), pre)).all()
+
+
+def test_the_training_loader_gives_the_device_pixels(tmp_path):
+    # The workstation's image-folder loader (what a model is trained on) and the device's frames.
+    pre = Preprocess(image_size=144)
+    rng = np.random.default_rng(0)
+    frames = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i, (height, width) in enumerate(SIZES[:5]):
+            frames[name, i] = rng.integers(0, 256, (height, width, 3), np.uint8)
+            Image.fromarray(frames[name, i]).save(tmp_path / name / f"{i}.png")
+    (task,) = load_image_folder(tmp_path, preprocess=pre)
+    trained = np.concatenate([task.train.images, task.val.images, task.test.images])
+    on_device = np.stack([frame_image(f, pre) for f in frames.values()])
+    assert sorted(t.tobytes() for t in trained) == sorted(d.tobytes() for d in on_device)
 
 
 def test_transparency_is_composited_on_black():

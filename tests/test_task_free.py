@@ -16,7 +16,7 @@ from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
 from pah_edge.bundle import Bundle
 from pah_edge.device.learner import learn_task
 from pah_edge.device.predict import Predictor
-from pah_edge.task_free import SharedStats, TaskFreeRule, task_stats, workstation_stats
+from pah_edge.task_free import SHRINKAGE, SharedStats, TaskFreeRule, task_stats, transform, workstation_stats
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,32 @@ def test_the_rule_does_not_depend_on_the_order_tasks_were_learned_in():
     columns = np.concatenate([np.arange(3 * i, 3 * i + 3) for i in order])
     np.testing.assert_allclose(permuted_scores, scores[:, columns], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(permuted_novelty, novelty, rtol=1e-5, atol=1e-5)
+
+
+def test_scores_and_novelty_are_the_discriminant_and_the_nearest_mahalanobis_distance():
+    # The definitions in float64 from the shrunk covariance; the rule computes them with one float32
+    # product per batch.
+    rng = np.random.default_rng(2)
+    dim = 24
+    shared, _ = workstation_stats([(rng.random((60, dim)), np.repeat([0, 1, 2], 20), 3)])
+    labels = np.repeat(np.arange(4), 8)
+    stats = task_stats(rng.random((32, dim)) + labels[:, None] * rng.random(dim), labels, 4)
+    other = task_stats(rng.random((20, dim)), np.repeat([0, 1], 10), 2)
+    rule = TaskFreeRule(shared, [("t", stats), ("u", other)])
+    covariance = (shared.scatter + stats.scatter() + other.scatter()) / (shared.count + 52)
+    covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * np.trace(covariance) / dim * np.eye(dim)
+    precision = np.linalg.inv(covariance)
+    means = np.concatenate([stats.means, other.means]) - shared.mean
+    query = rng.random((5, dim))
+    z = transform(query, shared.mean)
+    offsets = z[:, None] - means  # [N, K, D]
+    distances = np.einsum("nkd,de,nke->nk", offsets, precision, offsets) / dim
+    expected = z @ precision @ means.T - 0.5 * np.einsum("kd,de,ke->k", means, precision, means)
+    scores, novelty = rule.scores(query)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(novelty, distances.min(axis=1), rtol=1e-4)
+    np.testing.assert_allclose(rule.scores(query, task=1)[1], distances[:, 4:].min(axis=1), rtol=1e-4)
 
 
 @pytest.mark.parametrize("images", [30, 200])  # fewer images than dimensions (the Gram route), and more

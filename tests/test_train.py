@@ -99,6 +99,22 @@ def test_a_run_from_before_an_option_existed_resumes_with_its_default(two_tasks,
     assert result.exit_code == 0, result.output
 
 
+def test_a_run_from_before_the_area_resize_rule_resumes_with_its_own(two_tasks, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    args = ["train", str(two_tasks), *TINY, "--epochs", "1", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["preprocess"]["resize"] == "area_shorter_center_crop"
+    state["preprocess"]["resize"] = "resize_shorter_center_crop"  # the rule before 2026-12-02
+    torch.save(state, out / "checkpoint.pt")
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["preprocess"]["resize"] == "resize_shorter_center_crop"
+    assert json.loads((out / "config.json").read_text())["preprocess"]["resize"] == "resize_shorter_center_crop"
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_write_metrics(tmp_path, mnist_digits):
     data = _digit_tasks(tmp_path, mnist_digits)

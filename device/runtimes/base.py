@@ -112,15 +112,20 @@ def _format_all(items: dict) -> str:
 
 
 def check_feeds(specs: dict[str, Spec], feeds: dict[str, np.ndarray]) -> None:
-    """Raise RuntimeInputError unless ``feeds`` match ``specs`` exactly; nothing is cast silently."""
-    expected = _format_all({n: format_spec(*s) for n, s in specs.items()})
-    given = _format_all({n: _format_feed(a) for n, a in feeds.items()})
-    if set(feeds) != set(specs):
-        raise RuntimeInputError(f"the model expects inputs {expected}; got {given}")
+    """Raise RuntimeInputError unless ``feeds`` match ``specs`` exactly; nothing is cast silently.
+
+    Runs before every inference: the messages are formatted only for a mismatch.
+    """
+    def given() -> str:
+        return _format_all({n: _format_feed(a) for n, a in feeds.items()})
+
+    if feeds.keys() != specs.keys():
+        expected = _format_all({n: format_spec(*s) for n, s in specs.items()})
+        raise RuntimeInputError(f"the model expects inputs {expected}; got {given()}")
     for name, (shape, dtype) in specs.items():
         array = feeds[name]
         if not isinstance(array, np.ndarray):
-            raise RuntimeInputError(f"input {name} must be a numpy array {format_spec(shape, dtype)}; got {given}")
+            raise RuntimeInputError(f"input {name} must be a numpy array {format_spec(shape, dtype)}; got {given()}")
         if array.dtype != np.dtype(dtype):
             raise RuntimeInputError(
                 f"input {name} expects {format_spec(shape, dtype)}; got {_format_feed(array)} (cast it with .astype)"

@@ -73,7 +73,10 @@ def run_training(cfg: RunConfig, out_dir: Path, *, resume: bool = False, show_pr
     cfg = resolve(dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, backbone=canonical_backbone_name(cfg.model.backbone))))
     _refuse_to_overwrite(out_dir, resume)  # before minutes of data loading
-    preprocess = Preprocess(image_size=cfg.model.image_size)
+    # A resumed run keeps the preprocessing it started with: one begun before the area resize rule goes
+    # on training, and is exported, with the rule its first tasks were trained on.
+    preprocess = (Preprocess.from_dict(load_checkpoint(out_dir / CHECKPOINT_NAME)["preprocess"]) if resume
+                  else Preprocess(image_size=cfg.model.image_size))
     tasks = load_tasks(cfg, preprocess, cfg.data.limit_per_class)
     return train_continual(cfg, tasks, preprocess, out_dir, resume=resume, show_progress=show_progress)
 
