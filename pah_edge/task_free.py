@@ -38,7 +38,7 @@ SHRINKAGE = 0.05  # covariance shrinkage towards (trace / D) I
 UNKNOWN_RATE = 0.05  # default share of known images that the threshold calls unknown
 STORE_DTYPE = np.float16
 # Workstation images per class for the shared state: more than a quick generator run trains on, as
-# a covariance needs them (the issue measured +1.6 points task-free with 600 instead of 100).
+# a covariance needs them (more task-free accuracy than with 100: docs/benchmarks.md, "Task-free prediction").
 STATS_PER_CLASS = 600
 
 

@@ -66,8 +66,8 @@ class OnnxRuntimeRunner(Runner):
             )
         options = ort.SessionOptions()
         # Between two inferences the device decodes, resizes and scores in Python and numpy; threads
-        # left spinning for the next run take the cores from that work (frame overhead over the bare
-        # backbone +98-165 % spinning, +31-51 % not, docs/benchmarks.md).
+        # left spinning for the next run take the cores from that work (docs/benchmarks.md, "Frames and
+        # files at batch 1").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
