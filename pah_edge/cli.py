@@ -13,7 +13,6 @@ import typer
 
 from pah_edge.calibration.calibrate import DEFAULT_MAX_DROP, DEFAULT_SAMPLES
 from pah_edge.calibration.quantize import QuantizeOptions
-import pah_edge.cli_device  # noqa: F401  (registers the device's commands on `app`)
 from pah_edge.cli_support import (BUNDLE_ARGUMENT, JSON_OPTION, PROGRESS_OPTION, app, config_options, print_error,
                                   run_app, show, user_errors)
 from pah_edge.workstation.config import DataConfig, ModelConfig, TrainConfig
@@ -171,6 +170,10 @@ def bench(
     show(run_bench(bundle, config, json_path=json_out, plot_path=plot))
     if json_out is not None:
         typer.echo(f"results -> {json_out}")
+
+
+# After the workstation's commands, so that `pah-edge --help` lists them in the order of the work.
+import pah_edge.cli_device  # noqa: E402,F401  (registers the device's commands on `app`)
 
 
 def main() -> None:
