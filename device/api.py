@@ -12,7 +12,8 @@ same answers as `pah-edge predict` (``Predictor``), which is built on this class
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from typing import Any
 import numpy as np
 
 from pah_edge.bundle import Bundle, TaskRecord
+from pah_edge.device.bundle_runners import features
+from pah_edge.device.frame_pipeline import prepared_ahead
 from pah_edge.device.learner import LearnReport, learn_task, learn_task_arrays
 from pah_edge.device.predict import Predictor
-from pah_edge.preprocess import frame_image, load_image
+from pah_edge.preprocess import frame_image, load_image, to_input
 
 ImageLike = np.ndarray | str | os.PathLike  # a frame (uint8 H x W x 3 or H x W) or an image file's path
 
@@ -112,6 +115,29 @@ class Device:
         answers = self._running().predict_images(stacked, task=task, batch_size=batch_size,
                                                  novelty_threshold=self.novelty_threshold)
         return [Prediction(**a, path=path) for a, path in zip(answers, paths)]
+
+    def predict_stream(self, images: Iterable[ImageLike], *, task: str | None = None,
+                       bgr: bool = False) -> Iterator[Prediction]:
+        """Frames or paths one at a time, as a camera delivers them -> their Predictions, in order.
+
+        The next image is resized on a thread while the backbone runs this one, so in a loop a frame
+        costs little more than the backbone. The tasks are those registered when the stream starts.
+        A bad frame raises FrameError when its turn comes. Close the iterator (or leave the ``for``)
+        to stop early; ``images`` may be a generator that reads a camera.
+        """
+        pre = self.bundle.preprocess
+        predictor = self._running()
+        answer, backbone = predictor.answerer(task, self.novelty_threshold), predictor.backbone_for(task)
+
+        def prepare(image: ImageLike) -> tuple[str | None, np.ndarray]:
+            path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+            resized = load_image(path, pre) if path is not None else frame_image(image, pre, bgr=bgr)
+            return path, to_input(resized[None], pre)
+
+        with closing(prepared_ahead(images, prepare)) as inputs:
+            for path, batch in inputs:
+                (result,) = answer(features(backbone, batch))
+                yield Prediction(**result, path=path)
 
     def predict_files(self, paths: Sequence[str | os.PathLike], *, task: str | None = None,
                       batch_size: int = 32) -> list[Prediction]:

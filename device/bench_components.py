@@ -31,7 +31,8 @@ from pah_edge.machine import peak_rss_mb, reset_peak_rss
 log = logging.getLogger("pah_edge")
 
 LEARN_TASK_RUNS = 5  # learn-task takes seconds per run: at most this many timed runs, one warm-up
-PREDICTION = ("predict-e2e", "predict-frame")  # timed against the bare backbone
+STREAM_FRAMES = 20  # frames per timed predict-stream call: the thread start is paid once per call
+PREDICTION = ("predict-e2e", "predict-frame", "predict-stream")  # timed against the bare backbone
 DEVICE_PATH = (*PREDICTION, "predict-task-free", "learn-task")  # components that run the device's own code, not one graph
 DEVICE_PATH_ONLY = ("the device path runs on onnxruntime or tensorrt; PyTorch eager is the reference for the "
                     "graphs (backbone, head-generation, learner-step) only")
@@ -221,6 +222,18 @@ def predict_frame(ctx: Context, runtime: str, precision: str | None) -> Iterator
     yield row
 
 
+def predict_stream(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
+    """predict-frame's frame as a camera loop would hand it over, ``STREAM_FRAMES`` in a row through
+    ``Device.predict_stream`` (the next frame resized while the backbone runs); ms per frame."""
+    with Image.open(ctx.inputs.frame) as image:
+        frames = [np.asarray(image.convert("RGB"))] * STREAM_FRAMES
+    with _device(ctx, runtime, precision) as (device, runner):
+        stream = _timed(lambda: list(device.predict_stream(frames, task=BENCH_TASK)))
+        row = _against_backbone(ctx, "predict-stream", runtime, precision, runner,
+                                lambda: stream() / STREAM_FRAMES)
+    yield row
+
+
 def predict_task_free(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
     """One image file, no task given: predict-e2e's path with the discriminant over every task's
     classes and the novelty score in place of one generated head."""
@@ -306,6 +319,7 @@ COMPONENTS: dict[str, Callable[[Context, str, str], Iterator[dict]]] = {
     "learner-step": learner_step,
     "predict-e2e": predict_e2e,
     "predict-frame": predict_frame,
+    "predict-stream": predict_stream,
     "predict-task-free": predict_task_free,
     "learn-task": learn_task_run,
 }

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +87,22 @@ def predict_frames(bundle: Path, *, video: Path | None, camera: int | None, ever
     if max_frames is not None and max_frames < 1:
         raise ConfigError(f"--max-frames must be 1 or more, got {max_frames}")
     capture = open_source(video=video, camera=camera)  # first: no OpenCV or no source fails in a moment
+    read: deque[tuple[int, float]] = deque()  # (index, ms) of the frames handed to the stream, in order
+
+    def pixels() -> Iterator[np.ndarray]:
+        for index, ms, frame in frames(capture, every=every, live=camera is not None):
+            read.append((index, ms))
+            yield frame
+
     try:
         with Device(bundle, **device_options) as dev:
             dev.predict_batch([], task=task)  # an unknown --task fails before the first frame is read
-            for count, (index, ms, frame) in enumerate(frames(capture, every=every, live=camera is not None), 1):
-                yield {"frame": index, "time_ms": round(ms, 3), **dev.predict(frame, task=task, bgr=True).to_dict()}
-                if count == max_frames:
-                    return
+            # The stream reads and resizes the next frame while the backbone runs this one.
+            with closing(dev.predict_stream(pixels(), task=task, bgr=True)) as predictions:
+                for count, prediction in enumerate(predictions, 1):
+                    index, ms = read.popleft()
+                    yield {"frame": index, "time_ms": round(ms, 3), **prediction.to_dict()}
+                    if count == max_frames:
+                        return
     finally:
         capture.release()

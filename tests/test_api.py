@@ -7,6 +7,7 @@ One tiny bundle per module (tiny_cnn on real digits; tasks a, b, c); tests that 
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,36 @@ def test_paths_and_frames_mix_and_a_task_can_be_given(dev, made):
     assert dev.predict_batch([]) == []
     with pytest.raises(BundleError, match="no task 'zz'"):
         dev.predict_batch([], task="zz")
+
+
+def test_a_stream_answers_each_frame_as_predict_does(dev, made):
+    query = made[1]
+    frames = [np.asarray(Image.open(query / f)) for f in QUERY_FILES]
+    items = [*frames, query / QUERY_FILES[0], *frames[::-1]]  # frames and a path, repeats
+    streamed = list(dev.predict_stream(iter(items)))
+    one_by_one = [dev.predict(i) for i in items]
+    assert [_answer(p) for p in streamed] == [_answer(p) for p in one_by_one]
+    assert [p.path for p in streamed] == [p.path for p in one_by_one]
+    np.testing.assert_allclose([p.novelty for p in streamed], [p.novelty for p in one_by_one], rtol=1e-5)
+    assert [p.task for p in dev.predict_stream(frames, task="c")] == ["c"] * len(frames)
+
+
+def test_a_bad_frame_in_a_stream_fails_at_its_turn_and_stopping_early_ends_the_thread(dev):
+    good = np.zeros((28, 28), np.uint8)
+    answered = []
+    with pytest.raises(FrameError, match="empty"):
+        for prediction in dev.predict_stream([good, good, np.zeros((0, 28, 3), np.uint8), good]):
+            answered.append(prediction)
+    assert len(answered) == 2
+
+    def endless():
+        while True:
+            yield good
+
+    stream = dev.predict_stream(endless())
+    next(stream)
+    stream.close()  # joins the thread that prepares frames ahead
+    assert not [t for t in threading.enumerate() if t.name == "pah-edge-prepare"]
 
 
 def test_prediction_is_a_frozen_dataclass_with_to_dict(dev):

@@ -20,8 +20,8 @@ from pah_edge.export import torch_runner  # noqa: F401  (registers the PyTorch r
 
 REQUIRED = ("component", "runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "rss_mb",
             "cv", "iterations", "speedup_vs_torch")
-COMPONENTS = ("backbone", "head-generation", "learner-step", "predict-e2e", "predict-frame", "predict-task-free",
-              "learn-task")
+COMPONENTS = ("backbone", "head-generation", "learner-step", "predict-e2e", "predict-frame", "predict-stream",
+              "predict-task-free", "learn-task")
 QUICK = {"iterations": 5, "warmup": 1, "threads": 1}
 
 
@@ -98,6 +98,9 @@ def test_ratios_against_torch_and_the_bare_backbone(measured):
     frame = _row(report, "predict-frame", "onnxruntime", 1)  # Device.predict of the frame in memory
     assert frame["overhead_vs_backbone"] == frame["overhead_vs_backbone_paired"]["median"]
     assert frame["overhead_vs_backbone_paired"]["rounds"] == 10 and frame["runner"] == e2e["runner"]
+    stream = _row(report, "predict-stream", "onnxruntime", 1)  # ms per frame of Device.predict_stream
+    assert stream["overhead_vs_backbone"] == stream["overhead_vs_backbone_paired"]["median"]
+    assert stream["batch"] == 1 and stream["runner"] == e2e["runner"]
 
 
 def test_skipped_runs_are_listed_with_reasons(measured):
@@ -130,7 +133,8 @@ def test_int8_rows_use_backbone_int8_onnx_and_real_images(made, tmp_path):
     report = run_bench(copy, config)
     assert report.settings["inputs"] == str(query)
     assert {(r["component"], r["precision"]) for r in report.results} == {
-        ("backbone", "int8"), ("predict-e2e", "int8"), ("predict-frame", "int8"), ("predict-task-free", "int8"),
+        ("backbone", "int8"), ("predict-e2e", "int8"), ("predict-frame", "int8"), ("predict-stream", "int8"),
+        ("predict-task-free", "int8"),
         ("head-generation", "fp32"), ("learner-step", "fp32"), ("learn-task", "auto")}
 
 
