@@ -107,9 +107,7 @@ class Device:
         images: [], after checking ``task`` (BundleError for an unknown one).
         """
         pre = self.bundle.preprocess
-        paths = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else None for i in images]
-        resized = [load_image(path, pre) if path is not None else frame_image(image, pre, bgr=bgr)
-                   for path, image in zip(paths, images)]
+        paths, resized = zip(*(self._resized(image, bgr) for image in images)) if len(images) else ((), ())
         # No images still resolves the task: an unknown one fails here, before a camera loop starts.
         stacked = np.stack(resized) if resized else np.zeros((0, pre.image_size, pre.image_size, 3), np.uint8)
         answers = self._running().predict_images(stacked, task=task, batch_size=batch_size,
@@ -121,23 +119,30 @@ class Device:
         """Frames or paths one at a time, as a camera delivers them -> their Predictions, in order.
 
         The next image is resized on a thread while the backbone runs this one, so in a loop a frame
-        costs little more than the backbone. The tasks are those registered when the stream starts.
-        A bad frame raises FrameError when its turn comes. Close the iterator (or leave the ``for``)
-        to stop early; ``images`` may be a generator that reads a camera.
+        costs little more than the backbone. An unknown ``task`` fails on the first ``next``, before
+        any image is read; a bad frame raises FrameError when its turn comes. Close the iterator (or
+        leave the ``for``) to stop early; ``images`` may be a generator reading a camera.
         """
-        pre = self.bundle.preprocess
         predictor = self._running()
+        # Resolved once, before the first image is read: an unknown task fails at once, and the
+        # stream answers with the tasks registered when it started.
         answer, backbone = predictor.answerer(task, self.novelty_threshold), predictor.backbone_for(task)
 
         def prepare(image: ImageLike) -> tuple[str | None, np.ndarray]:
-            path = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
-            resized = load_image(path, pre) if path is not None else frame_image(image, pre, bgr=bgr)
-            return path, to_input(resized[None], pre)
+            path, resized = self._resized(image, bgr)
+            return path, to_input(resized[None], self.bundle.preprocess)
 
-        with closing(prepared_ahead(images, prepare)) as inputs:
-            for path, batch in inputs:
+        with closing(prepared_ahead(images, prepare)) as ready:
+            for path, batch in ready:
                 (result,) = answer(features(backbone, batch))
                 yield Prediction(**result, path=path)
+
+    def _resized(self, image: ImageLike, bgr: bool) -> tuple[str | None, np.ndarray]:
+        """(its path or None, uint8 [S, S, 3]) of a frame or an image file."""
+        pre = self.bundle.preprocess
+        if isinstance(image, (str, os.PathLike)):
+            return os.fspath(image), load_image(os.fspath(image), pre)
+        return None, frame_image(image, pre, bgr=bgr)
 
     def predict_files(self, paths: Sequence[str | os.PathLike], *, task: str | None = None,
                       batch_size: int = 32) -> list[Prediction]:

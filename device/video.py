@@ -96,8 +96,8 @@ def predict_frames(bundle: Path, *, video: Path | None, camera: int | None, ever
 
     try:
         with Device(bundle, **device_options) as dev:
-            dev.predict_batch([], task=task)  # an unknown --task fails before the first frame is read
-            # The stream reads and resizes the next frame while the backbone runs this one.
+            # The stream reads and resizes the next frame while the backbone runs this one; an unknown
+            # --task fails before the first frame is read.
             with closing(dev.predict_stream(pixels(), task=task, bgr=True)) as predictions:
                 for count, prediction in enumerate(predictions, 1):
                     index, ms = read.popleft()
