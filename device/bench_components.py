@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from pah_edge.bundle import Bundle
 from pah_edge.device.bench_inputs import BENCH_TASK, IMAGES_PER_CLASS, Inputs
@@ -214,8 +213,7 @@ def predict_e2e(ctx: Context, runtime: str, precision: str | None) -> Iterator[d
 def predict_frame(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
     """One in-memory RGB frame (the file's pixels, 640 x 480 when synthetic) -> resize, preprocess,
     backbone, cached head, softmax: ``Device.predict``, as an application loop calls it."""
-    with Image.open(ctx.inputs.frame) as image:
-        frame = np.asarray(image.convert("RGB"))
+    frame = ctx.inputs.frame_pixels
     with _device(ctx, runtime, precision) as (device, runner):
         row = _against_backbone(ctx, "predict-frame", runtime, precision, runner,
                                 _timed(lambda: device.predict(frame, task=BENCH_TASK)))
@@ -225,8 +223,7 @@ def predict_frame(ctx: Context, runtime: str, precision: str | None) -> Iterator
 def predict_stream(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
     """predict-frame's frame as a camera loop would hand it over, ``STREAM_FRAMES`` in a row through
     ``Device.predict_stream`` (the next frame resized while the backbone runs); ms per frame."""
-    with Image.open(ctx.inputs.frame) as image:
-        frames = [np.asarray(image.convert("RGB"))] * STREAM_FRAMES
+    frames = [ctx.inputs.frame_pixels] * STREAM_FRAMES
     with _device(ctx, runtime, precision) as (device, runner):
         stream = _timed(lambda: list(device.predict_stream(frames, task=BENCH_TASK)))
         row = _against_backbone(ctx, "predict-stream", runtime, precision, runner,

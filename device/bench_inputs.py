@@ -8,6 +8,7 @@ user's bundle is never written. Torch-free.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,12 @@ class Inputs:
     frame: Path
     learn_folder: Path
     source: str  # "synthetic" or the --images folder
+
+    @cached_property
+    def frame_pixels(self) -> np.ndarray:
+        """``frame`` decoded once, as the RGB uint8 [H, W, 3] frame an application would hand over."""
+        with Image.open(self.frame) as image:
+            return np.asarray(image.convert("RGB"))
 
     def batch(self, size: int, preprocess: Preprocess) -> np.ndarray:
         """Network input float32 [size, 3, S, S]: the pool's images in order, repeated as needed."""

@@ -21,7 +21,7 @@ import torch
 from pah_edge.atomic import fsync_dir, atomic_write_json
 from pah_edge.workstation.backbones import canonical_backbone_name
 from pah_edge.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, Bundle, sha256_file, task_name_from, utc_now
-from pah_edge.bundle_layout import ENGINE_PRECISIONS, GRAPH_SPECS, BundleLayout
+from pah_edge.bundle_layout import GRAPH_SPECS, BundleLayout
 from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from pah_edge.workstation.config import RunConfig
 from pah_edge.device.task_stats import TaskFreeReport, install_task_free
@@ -41,7 +41,6 @@ from pah_edge.report import Report, aligned
 
 log = logging.getLogger("pah_edge")
 
-GRAPH_FILES = {"backbone": "backbone.onnx", "generator": "generator.onnx", "learner_step": "learner_step.onnx"}
 
 
 def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = OPSET, simplify: bool = True,
@@ -103,8 +102,9 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = OPSET, simpli
 def _check_engine_possible(precision: str) -> None:
     """Fail in a moment, not after the export, when the asked-for engine cannot be built here."""
     from pah_edge.device.runtimes.tensorrt import tensorrt_problem
-    if precision not in ENGINE_PRECISIONS:
-        raise ConfigError(f"unknown --engine {precision!r}; choose one of: {', '.join(ENGINE_PRECISIONS)}")
+    from pah_edge.export.tensorrt_build import check_precision
+
+    check_precision(precision, "--engine")
     problem = tensorrt_problem()
     if problem is not None:
         raise PahEdgeError(f"--engine needs TensorRT here: {problem}; or export without --engine")

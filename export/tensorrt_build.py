@@ -37,9 +37,10 @@ class TensorRTBuildError(PahEdgeError):
     """An engine cannot be built from this bundle or model; the message names the fix."""
 
 
-def _check_precision(precision: str) -> None:
+def check_precision(precision: str, option: str = "precision") -> None:
+    """TensorRTBuildError unless ``precision`` is an engine precision; ``option`` names it in the message."""
     if precision not in ENGINE_PRECISIONS:
-        raise TensorRTBuildError(f"unknown precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
+        raise TensorRTBuildError(f"unknown {option} {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
 
 
 def backbone_onnx(bundle_dir: Path, precision: str) -> Path:
@@ -76,7 +77,7 @@ def build_engines(
     The engine goes to ``BundleLayout.engine``; reuses (and updates) the bundle's timing cache
     (``engines/timing.cache``), which makes rebuilds much faster.
     """
-    _check_precision(precision)
+    check_precision(precision)
     onnx_path = backbone_onnx(bundle_dir, precision)
     if len(batches) != 3:
         raise TensorRTBuildError(f"batches must be (min, opt, max); got {tuple(batches)}")
@@ -115,7 +116,7 @@ def engine_from_onnx(
     written unless the build succeeds.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    _check_precision(precision)
+    check_precision(precision)
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise TensorRTBuildError(
             f"batch sizes must satisfy 1 <= min <= opt <= max; got {min_batch}, {opt_batch}, {max_batch}"
