@@ -70,8 +70,7 @@ def batch_size_for(budget_mb: float | None, image_size: int, *, in_use_mb: float
     per_image = 4 * 3 * image_size * image_size * ACTIVATION_FACTOR / 2**20
     if budget_mb is None:
         return min(max(int(UNBOUNDED_BATCH_MB / per_image), 1), MAX_BATCH)
-    if not 0 < budget_mb < float("inf"):
-        raise ConfigError(f"--budget-mb is a positive number of MB, got {budget_mb!r}")
+    check_budget(budget_mb)
     features = 4 * images * feature_dim / 2**20
     extracting = in_use_mb + features + SLACK_MB
     stats = (8 * images * feature_dim + STATS_COPIES * 8 * min(images, feature_dim) ** 2) / 2**20
@@ -85,6 +84,12 @@ def batch_size_for(budget_mb: float | None, image_size: int, *, in_use_mb: float
                           f"slack, {per_image:.0f} MB per image of a batch; then {after:.0f} MB for the statistics and "
                           "the fit, the backbone released)")
     return min(batch, MAX_BATCH)
+
+
+def check_budget(budget_mb: float | None) -> None:
+    """ConfigError unless ``budget_mb`` is None or a positive, finite number of MB."""
+    if budget_mb is not None and not 0 < budget_mb < float("inf"):
+        raise ConfigError(f"--budget-mb is a positive number of MB, got {budget_mb!r}")
 
 
 def split_train_val(labels: np.ndarray, class_names, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -289,7 +294,7 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
     task = new_task()
     name = validate_task_name(name) if name is not None else task.default_name
     bundle.check_class_count(len(task.class_names), task.origin)
-    batch_size_for(budget_mb, bundle.preprocess.image_size)  # a malformed budget fails before any model loads
+    check_budget(budget_mb)  # before any model loads; whether it is enough is known once they are loaded
     with ExitStack() as stack:
         # Runners are activated before the lock: a missing engine or runtime fails with the bundle untouched.
         heads_of = stack.enter_context(generator_runner(bundle))
