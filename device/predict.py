@@ -73,6 +73,7 @@ class Predictor:
         self.bundle, self.runtime, self.precision = bundle, runtime, precision
         self.backbone = backbone_runner(bundle, runtime, "fp32" if precision == "auto" else precision)
         self._int8: Runner | None = None  # precision auto: started for the first task learned on INT8
+        self._int8_failed = False  # its start failed once: not tried (and the model not hashed) per frame
         self._int8_sha256: str | None = None
         self._warned: set[tuple[str, str]] = set()  # (task, warning) already given
         self.generator = generator_runner(bundle)
@@ -119,13 +120,13 @@ class Predictor:
 
     def _int8_backbone(self) -> Runner:
         """The INT8 backbone, started on first use; the FP32 one when none is installed (the caller warns)."""
-        if self._int8 is None:
+        if self._int8 is None and not self._int8_failed:
             try:
                 self._int8 = self._runners.enter_context(backbone_runner(self.bundle, self.runtime, "int8"))
             except PahEdgeError as exc:
                 log.debug("no INT8 backbone: %s", exc)
-                return self.backbone
-        return self._int8
+                self._int8_failed = True
+        return self._int8 if self._int8 is not None else self.backbone
 
     def _int8_sha(self) -> str | None:
         """SHA-256 of the INT8 model, hashed once: the file stays what the runner loaded (a new
@@ -157,8 +158,8 @@ class Predictor:
         """The task-free rule over every task with readable statistics; None for a bundle without the
         shared state or without a task whose statistics are usable.
 
-        Built again only when the tasks or their statistics change (one D x D inverse: 0.1 s at
-        D = 1280), whichever task a call asks for. A task whose statistics or prototypes are missing
+        Built again only when the tasks or their statistics change (a D x D inverse), whichever task
+        a call asks for. A task whose statistics or prototypes are missing
         or corrupt is left out, with one warning the first time ``warn`` is true.
         """
         shared = self.bundle.shared_stats()
@@ -185,6 +186,9 @@ class Predictor:
 
     def _task_free_rule(self) -> TaskFreeRule:
         """:meth:`rule`, or a BundleError naming the fix when there is none."""
+        rule = self.rule()
+        if rule is not None:  # the usual case: the registry and statistics are read once, by rule()
+            return rule
         if not self.bundle.tasks():
             raise BundleError(f"{self.bundle.path} has no tasks: learn one with "
                               f"`pah-edge learn-task FOLDER --bundle {self.bundle.path}`")
@@ -192,11 +196,8 @@ class Predictor:
             raise BundleError(f"{self.bundle.path} has no task-free statistics (exported before they existed): add "
                               f"them with `pah-edge task-stats {self.bundle.path} --checkpoint RUN_DIR` (or --images "
                               "DIR), or pass --task NAME")
-        rule = self.rule()
-        if rule is None:
-            raise BundleError(f"no task of {self.bundle.path} has usable task-free statistics; add them with "
-                              f"`pah-edge task-stats {self.bundle.path} --images DIR`, or pass --task NAME")
-        return rule
+        raise BundleError(f"no task of {self.bundle.path} has usable task-free statistics; add them with "
+                          f"`pah-edge task-stats {self.bundle.path} --images DIR`, or pass --task NAME")
 
     def predict(self, paths: Sequence[str | os.PathLike[str]], *, task: str | None = None, batch_size: int = 32,
                 novelty_threshold: float | None = None) -> list[dict]:
