@@ -24,7 +24,7 @@ from pah_edge.bundle import LOCK_WAIT_S, Bundle, sha256_file, utc_now
 from pah_edge.bundle_layout import BundleLayout
 from pah_edge.calibration.evaluate import (compare_tasks, eval_task_folders, layer_errors, paired_latency,
                                            size_mb)
-from pah_edge.calibration.quantize import QuantizeOptions, int8_onnx_from_fp32
+from pah_edge.calibration.quantize import DEFAULT_MAX_DROP, DEFAULT_SAMPLES, QuantizeOptions, int8_onnx_from_fp32
 from pah_edge.device.images import BatchStream, scan_class_folders, warn_skipped
 from pah_edge.device.learner import learn_task
 from pah_edge.errors import ConfigError, PahEdgeError
@@ -35,8 +35,6 @@ from pah_edge.report import Report, aligned
 log = logging.getLogger("pah_edge")
 
 RECORD_FORMAT_VERSION = 1
-DEFAULT_SAMPLES = 512
-DEFAULT_MAX_DROP = 1.0  # accuracy points
 LAYER_IMAGES = 8  # calibration images whose every activation is compared (all tensors of two graphs in memory)
 LATENCY_BATCHES = (1, 32)
 NEW_TASK_NAME = "int8-check"

@@ -30,6 +30,9 @@ from pah_edge.errors import ConfigError
 
 METHODS = ("entropy", "percentile", "minmax")
 DEFAULT_METHOD = "entropy"
+# A calibration run's defaults (`calibrate_bundle`), here so the CLI reads them without importing it.
+DEFAULT_SAMPLES = 512
+DEFAULT_MAX_DROP = 1.0  # accuracy points
 TARGETS = ("tensorrt", "onnxruntime")
 # Layers whose inputs carry the model's full dynamic range (raw pixels in, features out).
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -11,13 +11,12 @@ from typing import Optional
 import pah_edge.blas_threads  # noqa: F401  (first: before anything loads numpy)
 import typer
 
-from pah_edge.calibration.calibrate import DEFAULT_MAX_DROP, DEFAULT_SAMPLES
-from pah_edge.calibration.quantize import QuantizeOptions
+from pah_edge.calibration.quantize import DEFAULT_MAX_DROP, DEFAULT_SAMPLES, QuantizeOptions
 from pah_edge.cli_support import (BUNDLE_ARGUMENT, JSON_OPTION, PROGRESS_OPTION, app, config_options, print_error,
                                   run_app, show, user_errors)
 from pah_edge.workstation.config import DataConfig, ModelConfig, TrainConfig
 from pah_edge.demo import DEFAULT_EPOCHS, DEFAULT_LIMIT_PER_CLASS
-from pah_edge.device.bench import BenchConfig
+from pah_edge.device.bench_config import BenchConfig
 from pah_edge.errors import ConfigError
 from pah_edge.export.onnx_export import OPSET
 from pah_edge.export.tensorrt_build import DEFAULT_BATCHES, DEFAULT_PRECISION, DEFAULT_WORKSPACE_MB
