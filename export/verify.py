@@ -73,8 +73,8 @@ def _task_state_text(state: dict) -> str:
 def verify_bundle(path: Path, *, images: Path | None = None) -> VerifyReport:
     """Check hashes, run the parity inputs through each runtime, and compare (see `VerifyReport`)."""
     bundle = Bundle.open(path)  # raises BundleError on a hash mismatch of the manifest's files
-    tasks = task_states(bundle)
-    feeds = _feeds(bundle, [name for name, state in tasks.items() if state["usable"]], images)
+    tasks, prototypes = task_states(bundle)
+    feeds = _feeds(bundle, prototypes, images)
     outputs: dict[str, dict[str, list[dict]]] = {}  # runtime -> graph -> outputs per feed
     status: dict[str, str] = {}
     tolerances: dict[str, dict[str, Tolerance]] = {}  # runtime -> graph -> tolerance
@@ -106,14 +106,15 @@ def verify_bundle(path: Path, *, images: Path | None = None) -> VerifyReport:
                         ok=all(r["ok"] for r in rows) and all(t["usable"] for t in tasks.values()))
 
 
-def task_states(bundle: Bundle) -> dict[str, dict]:
-    """Per task: ``usable`` (its prototypes verify: task-given prediction works), ``task_free`` (its
-    statistics verify too) and ``problem`` (what is wrong and the fix, or None)."""
-    states = {}
+def task_states(bundle: Bundle) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """(Per task: ``usable`` (its prototypes verify: task-given prediction works), ``task_free`` (its
+    statistics verify too) and ``problem`` (what is wrong and the fix, or None); the usable tasks'
+    prototypes, read and checked once here)."""
+    states, prototypes = {}, {}
     for record in bundle.tasks():
         state = {"usable": False, "task_free": False, "problem": None}
         try:
-            bundle.load_prototypes(record.name)
+            prototypes[record.name] = bundle.load_prototypes(record.name)
             state["usable"] = True
             if bundle.shared_stats() is not None:
                 bundle.load_task_stats(record)
@@ -121,13 +122,14 @@ def task_states(bundle: Bundle) -> dict[str, dict]:
         except BundleError as exc:
             state["problem"] = str(exc)
         states[record.name] = state
-    return states
+    return states, prototypes
 
 
-def _feeds(bundle: Bundle, task_names: list[str], images: Path | None) -> dict[str, list[dict[str, np.ndarray]]]:
+def _feeds(bundle: Bundle, prototypes: dict[str, np.ndarray],
+           images: Path | None) -> dict[str, list[dict[str, np.ndarray]]]:
     """Per graph, the input batches: the export's parity inputs rebuilt from the bundle alone (the
-    prototypes of ``task_names``)."""
-    tasks = [(name, bundle.load_prototypes(name)) for name in task_names]
+    tasks' ``prototypes``)."""
+    tasks = list(prototypes.items())
     image_batches = [a for _, a in backbone_inputs(bundle.preprocess, tasks, images)]
     proto_sets = [a for _, a in prototype_sets(tasks, bundle.prototype_shape, bundle.fixed_num_classes)]
     # The learner step needs features; ONNX Runtime's are the ones every runtime can reproduce.

@@ -64,7 +64,7 @@ def show(report: Report, as_json: bool = False, *args) -> None:
 
 
 def config_options(**configs: type):
-    """Offer each field of the ``configs`` dataclasses declared with `pah_edge.workstation.config.option` as an
+    """Offer each field of the ``configs`` dataclasses declared with `pah_edge.options.option` as an
     option (or argument) of the command, so that default and help are declared once, on the field.
     The command receives the built dataclasses as keyword arguments named like ``configs``' keys."""
 

@@ -12,25 +12,22 @@ from pah_edge.errors import ConfigError
 class GeneratorKind:
     """``linear``: a head row is a linear map of its class's prototype, so the device's fit is convex and
     starts from the class-mean head; ``prototypes``: a task's parameter is prototypes (not a stored
-    head), so it exports and learns on a device; ``fixed_classes``: every task has the training tasks'
-    class count; ``hidden_dim``: the default hidden width (recorded, unused, by kinds without one)."""
+    head), so it exports and learns on a device; ``hidden_dim``: the default hidden width (recorded,
+    unused, by kinds without one)."""
 
     name: str
     linear: bool
     prototypes: bool
-    fixed_classes: bool
     hidden_dim: int
     summary: str
 
 
 GENERATOR_KINDS = {kind.name: kind for kind in (
-    GeneratorKind("classwise-linear", linear=True, prototypes=True, fixed_classes=False, hidden_dim=256,
+    GeneratorKind("classwise-linear", linear=True, prototypes=True, hidden_dim=256,
                   summary="any class count; best for learning on the device"),
-    GeneratorKind("classwise", linear=False, prototypes=True, fixed_classes=False, hidden_dim=256,
-                  summary="adds an MLP"),
-    GeneratorKind("task-mlp", linear=False, prototypes=True, fixed_classes=True, hidden_dim=16,
-                  summary="the paper's"),
-    GeneratorKind("linear-head", linear=False, prototypes=False, fixed_classes=False, hidden_dim=256,
+    GeneratorKind("classwise", linear=False, prototypes=True, hidden_dim=256, summary="adds an MLP"),
+    GeneratorKind("task-mlp", linear=False, prototypes=True, hidden_dim=16, summary="the paper's"),
+    GeneratorKind("linear-head", linear=False, prototypes=False, hidden_dim=256,
                   summary="a stored head per task, the LwF baseline"),
 )}
 
