@@ -236,14 +236,13 @@ def predict_task_free(ctx: Context, runtime: str, precision: str | None) -> Iter
     classes and the novelty score in place of one generated head."""
     if ctx.scratch.shared_stats() is None:
         raise Skipped(f"the bundle has no task-free statistics: add them with `pah-edge task-stats {ctx.bundle.path}`")
-    files, block = [ctx.inputs.frame], paired_block(ctx)
+    files = [ctx.inputs.frame]
     with _device(ctx, runtime, precision) as (device, runner):
         free = _timed(lambda: device.predict_files(files, batch_size=1))
         given = _timed(lambda: device.predict_files(files, task=BENCH_TASK, batch_size=1))
         row = timed_row(ctx, free, items=1, labels={**_labels("predict-task-free", runtime, precision, 1),
                                                      "runner": runner.name, "timing": "wall"})
-        rounds = alternating({"free": free, "given": given}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
-    row["overhead_vs_task_given_paired"] = _spread([r["free"] / r["given"] - 1 for r in rounds], block)
+        row["overhead_vs_task_given_paired"] = _overhead_taking_turns(ctx, free, given)
     yield row
 
 
@@ -277,10 +276,16 @@ def _against_backbone(ctx: Context, component: str, runtime: str, precision: str
                                                  "runner": runner.name, "timing": "wall"})
     # The bare backbone's own row ran minutes earlier: take turns with it for the overhead.
     bare = wall_ms_call(runner, {"images": ctx.inputs.batch(1, ctx.bundle.preprocess)})
-    block = paired_block(ctx)
-    rounds = alternating({"predict": call, "backbone": bare}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
-    row["overhead_vs_backbone_paired"] = _spread([r["predict"] / r["backbone"] - 1 for r in rounds], block)
+    row["overhead_vs_backbone_paired"] = _overhead_taking_turns(ctx, call, bare)
     return row
+
+
+def _overhead_taking_turns(ctx: Context, call: Callable[[], float], other: Callable[[], float]) -> dict:
+    """The spread over ``PAIRED_ROUNDS`` rounds of ``call``'s time / ``other``'s - 1, the two taking
+    turns block by block so that drifting load hits both alike."""
+    block = paired_block(ctx)
+    rounds = alternating({"call": call, "other": other}, rounds=PAIRED_ROUNDS, block=block, warmup=1)
+    return _spread([r["call"] / r["other"] - 1 for r in rounds], block)
 
 
 def learn_task_run(ctx: Context, runtime: str, precision: str | None) -> Iterator[dict]:
