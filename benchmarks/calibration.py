@@ -239,7 +239,7 @@ def imagenet_check(work: Path, args) -> dict:
     preprocess = Preprocess(image_size=BASE_IMAGE_SIZE)
     files = sorted((Path(foolbox.__file__).parent / "data").glob("imagenet_*"))
     calibrate_on, held_out = files[:10], files[10:]
-    images = next(iter(BatchStream([(f, 0) for f in held_out], preprocess, len(held_out))))[0]
+    images = next(iter(BatchStream(held_out, preprocess, len(held_out))))[0]
     fp32 = work / "backbone.onnx"
     spec = GRAPH_SPECS["backbone"]
     onnx_from_torch(create_backbone("efficientnet_lite0", image_size=BASE_IMAGE_SIZE, pretrained=True),

@@ -278,7 +278,7 @@ def _pass(runner, bundle: Bundle, root: Path, class_dirs: list[str]) -> tuple[li
              for f in sorted((root / (d if d.startswith("digit") else f"digit{d}")).glob("*.png"))]
     feats = np.empty((len(items), bundle.feature_dim), np.float32)
     start = time.perf_counter()
-    for inputs, positions in BatchStream(items, bundle.preprocess, PASS_BATCH):
+    for inputs, positions in BatchStream([f for f, _ in items], bundle.preprocess, PASS_BATCH):
         feats[positions] = runner.infer({"images": inputs})["features"]
     seconds = time.perf_counter() - start
     labels = np.asarray([label for _, label in items])

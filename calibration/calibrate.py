@@ -194,7 +194,7 @@ def _compare(bundle: Bundle, int8_path: Path, prepared: Path, files: list[Path],
     log.info("comparing INT8 with FP32 (%s)", ", ".join(eval_folders) or "no --eval tasks")
     tasks = compare_tasks(bundle, fp32_path, int8_path, eval_folders)
     new = _new_task_accuracy(bundle, new_task, int8_path, work) if new_task is not None else None
-    first_images = next(iter(BatchStream([(f, 0) for f in files], bundle.preprocess, LAYER_IMAGES)))[0]
+    first_images = next(iter(BatchStream(files, bundle.preprocess, LAYER_IMAGES)))[0]
     layers = layer_errors(prepared, int8_path, first_images)
     log.info("timing FP32 and INT8 on ONNX Runtime CPU, batch %s", " and ".join(map(str, LATENCY_BATCHES)))
     latency, speedup = {"fp32": {}, "int8": {}}, {}

@@ -91,17 +91,16 @@ def _task_features(bundle: Bundle, record: TaskRecord, folder: Path, fp32, int8,
         raise DataError(f"{folder} has class folders task {record.name!r} does not know ({', '.join(unknown)}); "
                         f"its classes: {', '.join(by_folder)}")
     to_task = np.asarray([by_folder[c] for c in folders.class_names], np.int64)
-    items = folders.labelled()
-    stream = BatchStream(items, bundle.preprocess, batch_size)
+    stream = BatchStream(folders.paths(), bundle.preprocess, batch_size)
     parts_fp32, parts_int8, positions = [], [], []
     for inputs, batch_positions in stream:
         parts_fp32.append(fp32.infer({"images": inputs})["features"])
         parts_int8.append(int8.infer({"images": inputs})["features"])
         positions.append(batch_positions)
     read = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-    folder_labels = np.asarray([label for _, label in items], np.int64)[read]
+    folder_labels = folders.labels()[read]
     check_no_class_empty(folders, folder_labels, stream.skipped)
-    warn_skipped(stream.skipped, len(items))
+    warn_skipped(stream.skipped, folders.num_images)
     return np.concatenate(parts_fp32), np.concatenate(parts_int8), to_task[folder_labels]
 
 

@@ -2,7 +2,8 @@
 
 The batch format is ONNX Runtime's ``CalibrationDataReader`` (``get_next``), which TensorRT's
 calibrators take too. Images go through the bundle's own preprocessing record (``BatchStream``), a
-batch at a time: memory holds one batch of pixels, never the folder.
+batch at a time: memory holds a few batches of pixels (the one in use and ``BATCHES_AHEAD``), never
+the folder.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class ImageFolderReader(CalibrationDataReader):
         self.files, self.samples, self.input_name, self.on_images = files, samples, input_name, on_images
         self.delivered = 0  # images handed out so far
         self._pause = False
-        self._stream = BatchStream([(file, 0) for file in files], preprocess, batch_size)
+        self._stream = BatchStream(files, preprocess, batch_size)
         self._batches = iter(self._stream)
 
     @property

@@ -1,8 +1,8 @@
 """A new task's images on the device: scan ``FOLDER/<class>/*``, then stream preprocessed batches.
 
 Class folders are read in sorted order; names starting with '.' are ignored, and so are files that
-are not .png/.jpg/.jpeg/.bmp (case-insensitive; counted, one warning). Images are decoded one batch
-at a time, never all at once, with the bundle's own preprocessing record.
+are not .png/.jpg/.jpeg/.bmp (case-insensitive; counted, one warning). Images are decoded a batch at
+a time with the bundle's own preprocessing record, on a thread that keeps ahead of the backbone.
 
 Unreadable images (corrupt, truncated, not really an image, or above the 50-megapixel limit of
 ``load_image``) are skipped, not fatal: the stream records them in ``skipped`` and
@@ -13,19 +13,24 @@ without any readable image is a DataError (:func:`check_no_class_empty`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pah_edge.folders import folder_files, subfolders
+from pah_edge.device.frame_pipeline import prepared_ahead
 from pah_edge.errors import DataError
+from pah_edge.folders import folder_files, subfolders
 from pah_edge.preprocess import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Preprocess, frame_image, load_image, to_input
 
 log = logging.getLogger("pah_edge")
 
 _MAX_NAMED = 3  # skipped files named in a warning
+# Batches a BatchStream holds beyond the one the caller is running: one waiting, one being read.
+BATCHES_AHEAD = 2
 _LAYOUT = "FOLDER/<class>/<images>"
 
 
@@ -42,9 +47,13 @@ class ClassFolders:
     def num_images(self) -> int:
         return sum(len(f) for f in self.files)
 
-    def labelled(self) -> list[tuple[Path, int]]:
-        """(file, class index) for every image, class by class."""
-        return [(path, label) for label, paths in enumerate(self.files) for path in paths]
+    def paths(self) -> list[Path]:
+        """Every image file, class by class."""
+        return [path for paths in self.files for path in paths]
+
+    def labels(self) -> np.ndarray:
+        """int64 class index of each of `paths`."""
+        return np.repeat(np.arange(len(self.files), dtype=np.int64), [len(paths) for paths in self.files])
 
 
 def scan_class_folders(folder: str | Path) -> ClassFolders:
@@ -80,52 +89,50 @@ def warn_ignored(folders: ClassFolders) -> None:
 
 
 class BatchStream:
-    """Preprocessed batches of ``items`` ([(file, label)]), decoded ``batch_size`` images at a time.
+    """Preprocessed batches of ``items``, ``batch_size`` images at a time, never all at once.
 
     Iterating yields ``(inputs, positions)``: float32 [B, 3, S, S] network input and the int64
-    indices into ``items`` of the images it holds. Unreadable files are left out of the batches and
-    listed in ``skipped`` as (file, reason).
+    indices into ``items`` of the images it holds. The next batch is decoded on a thread while the
+    caller runs the backbone on this one (``BATCHES_AHEAD`` at most).
+
+    ``load(item)`` gives an item's uint8 [S, S, 3] image; by default items are image files, decoded
+    with ``load_image``. An item whose load raises DataError (an unreadable file) is left out of the
+    batches and listed in ``skipped`` as (item, reason); any other error is raised.
     """
 
-    def __init__(self, items: list[tuple[Path, int]], preprocess: Preprocess, batch_size: int):
+    def __init__(self, items: Sequence, preprocess: Preprocess, batch_size: int,
+                 load: Callable[[Any], np.ndarray] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.items, self.preprocess, self.batch_size = items, preprocess, batch_size
-        self.skipped: list[tuple[Path, str]] = []
+        self.load = load or (lambda file: load_image(file, preprocess))
+        self.skipped: list[tuple[Any, str]] = []
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for start in range(0, len(self.items), self.batch_size):
-            images, positions = [], []
-            for position in range(start, min(start + self.batch_size, len(self.items))):
-                path = self.items[position][0]
-                try:
-                    images.append(load_image(path, self.preprocess))
-                except DataError as exc:
-                    self.skipped.append((path, str(exc)))
-                    continue
-                positions.append(position)
-            if images:
-                yield to_input(np.stack(images), self.preprocess), np.asarray(positions, np.int64)
+        with closing(prepared_ahead(range(0, len(self.items), self.batch_size), self._batch,
+                                     depth=BATCHES_AHEAD - 1)) as batches:
+            for batch in batches:
+                if batch is not None:
+                    yield batch
+
+    def _batch(self, start: int) -> tuple[np.ndarray, np.ndarray] | None:
+        images, positions = [], []
+        for position in range(start, min(start + self.batch_size, len(self.items))):
+            item = self.items[position]
+            try:
+                images.append(self.load(item))
+            except DataError as exc:
+                self.skipped.append((item, str(exc)))
+                continue
+            positions.append(position)
+        return (to_input(np.stack(images), self.preprocess), np.asarray(positions, np.int64)) if images else None
 
 
-class FrameStream:
-    """Preprocessed batches of in-memory ``frames`` (see ``frame_image``), as `BatchStream` gives of files.
-
-    Each frame is resized only when its batch comes up. Nothing is skipped: ``skipped`` stays empty,
-    and a bad frame raises FrameError (check them all first with ``check_frame``).
-    """
-
-    def __init__(self, frames: Sequence[np.ndarray], preprocess: Preprocess, batch_size: int, *, bgr: bool = False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.frames, self.preprocess, self.batch_size, self.bgr = frames, preprocess, batch_size, bgr
-        self.skipped: list[tuple[Path, str]] = []
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for start in range(0, len(self.frames), self.batch_size):
-            stop = min(start + self.batch_size, len(self.frames))
-            images = np.stack([frame_image(self.frames[i], self.preprocess, bgr=self.bgr) for i in range(start, stop)])
-            yield to_input(images, self.preprocess), np.arange(start, stop, dtype=np.int64)
+def frame_stream(frames: Sequence[np.ndarray], preprocess: Preprocess, batch_size: int, *,
+                 bgr: bool = False) -> BatchStream:
+    """Batches of in-memory ``frames`` (see ``frame_image``), as `BatchStream` gives of files. Nothing
+    is skipped: a bad frame raises FrameError (check them all first with ``check_frame``)."""
+    return BatchStream(frames, preprocess, batch_size, load=lambda frame: frame_image(frame, preprocess, bgr=bgr))
 
 
 def describe_skipped(skipped: list[tuple[Path, str]]) -> str:

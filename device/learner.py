@@ -26,8 +26,8 @@ from pah_edge.bundle import LOCK_WAIT_S, Bundle, task_name_from, validate_task_n
 from pah_edge.folders import class_rng
 from pah_edge.generators import generator_kind
 from pah_edge.device.bundle_runners import backbone_runner, generator_runner
-from pah_edge.device.images import (BatchStream, ClassFolders, FrameStream, check_no_class_empty, scan_class_folders,
-                                    warn_ignored, warn_skipped)
+from pah_edge.device.images import (BATCHES_AHEAD, BatchStream, ClassFolders, check_no_class_empty, frame_stream,
+                                    scan_class_folders, warn_ignored, warn_skipped)
 from pah_edge.device.prototype_fit import FitResult, PrototypeObjective, fit_prototypes
 from pah_edge.device.prototype_init import LinearHeads, class_mean_head, initial_prototypes, thumbnails
 from pah_edge.device.runtimes import Runner, create_runner
@@ -67,7 +67,8 @@ def batch_size_for(budget_mb: float | None, image_size: int, *, in_use_mb: float
     1 to 64; ConfigError naming the minimum when not even one image fits. None (an application's own
     process, whose memory is not learn-task's to bound): batches of about ``UNBOUNDED_BATCH_MB``.
     """
-    per_image = 4 * 3 * image_size * image_size * ACTIVATION_FACTOR / 2**20
+    # Its float32 input times the activation factor, plus the batches read ahead: input and uint8 images.
+    per_image = 3 * image_size * image_size * (4 * ACTIVATION_FACTOR + BATCHES_AHEAD * (4 + 1)) / 2**20
     if budget_mb is None:
         return min(max(int(UNBOUNDED_BATCH_MB / per_image), 1), MAX_BATCH)
     check_budget(budget_mb)
@@ -121,7 +122,7 @@ class Features:
     seconds: float
 
 
-def extract_features(runner: Runner, stream: BatchStream | FrameStream, labels: np.ndarray, bundle: Bundle,
+def extract_features(runner: Runner, stream: BatchStream, labels: np.ndarray, bundle: Bundle,
                      progress: bool) -> Features:
     """Run every image of ``stream`` (labels [N]) through the backbone once; keep float32 features (and
     init thumbnails)."""
@@ -148,7 +149,7 @@ class NewTask:
 
     class_names: tuple[str, ...]
     labels: np.ndarray  # int64 [N]: index into class_names per image
-    stream: Callable[[Preprocess, int], BatchStream | FrameStream]  # (preprocessing, batch size) -> batches
+    stream: Callable[[Preprocess, int], BatchStream]  # (preprocessing, batch size) -> batches
     origin: str  # where the images come from, for messages
     default_name: str | None = None
     folders: ClassFolders | None = None  # from a folder: its ignored files, and which files a class lost
@@ -157,9 +158,9 @@ class NewTask:
     def from_folder(cls, folder: str | Path) -> NewTask:
         """``folder/<class>/<images>``; DataError if it cannot make a task."""
         folders = scan_class_folders(folder)
-        items = folders.labelled()
-        labels = np.asarray([label for _, label in items], np.int64)
-        return cls(folders.class_names, labels, lambda pre, batch: BatchStream(items, pre, batch), str(folders.root),
+        files = folders.paths()
+        return cls(folders.class_names, folders.labels(), lambda pre, batch: BatchStream(files, pre, batch),
+                   str(folders.root),
                    task_name_from(folders.root.resolve().name), folders)
 
     @classmethod
@@ -182,7 +183,7 @@ class NewTask:
         # give the same task to the bit however the classes were interleaved.
         order = np.argsort(indices, kind="stable")
         grouped = [images[i] for i in order]
-        return cls(class_names, indices[order], lambda pre, batch: FrameStream(grouped, pre, batch, bgr=bgr),
+        return cls(class_names, indices[order], lambda pre, batch: frame_stream(grouped, pre, batch, bgr=bgr),
                    "the arrays")
 
 

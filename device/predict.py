@@ -220,7 +220,7 @@ class Predictor:
             shown = ", ".join(map(str, paths))
             raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {shown}: "
                             "give image files or folders holding them")
-        stream = BatchStream([(file, 0) for file in files], self.bundle.preprocess, batch_size)
+        stream = BatchStream(files, self.bundle.preprocess, batch_size)
         results: list[dict] = []
         for inputs, positions in stream:
             answers = answer(features(backbone, inputs, batch_size))

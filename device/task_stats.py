@@ -110,16 +110,15 @@ def task_features_from_folder(bundle: Bundle, folder: str | Path, *, progress: b
     with backbone_runner(bundle, "onnxruntime", "fp32") as runner, \
             progress_bar(progress, "features", sum(s.num_images for s in scans)) as advance:
         for scan in scans:
-            items = scan.labelled()
-            feats = np.zeros((len(items), bundle.feature_dim), np.float32)
-            read = np.zeros(len(items), bool)
-            stream = BatchStream(items, bundle.preprocess, BATCH)
+            labels = scan.labels()
+            feats = np.zeros((len(labels), bundle.feature_dim), np.float32)
+            read = np.zeros(len(labels), bool)
+            stream = BatchStream(scan.paths(), bundle.preprocess, BATCH)
             for inputs, positions in stream:
                 feats[positions], read[positions] = features(runner, inputs, BATCH), True
                 advance(len(positions))
-            labels = np.asarray([label for _, label in items], np.int64)
             check_no_class_empty(scan, labels[read], stream.skipped)
-            warn_skipped(stream.skipped, len(items))
+            warn_skipped(stream.skipped, len(labels))
             held = _held_out(labels, read, len(scan.class_names))
             fit = read & ~held
             result.append(TaskFeatures(scan.root.name, feats[fit], labels[fit], feats[held]))

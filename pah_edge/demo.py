@@ -252,16 +252,15 @@ def _nearest_class_mean(predictor, new_images: Path, digits: list[HeldOut]) -> l
     from pah_edge.device.bundle_runners import features
     from pah_edge.device.images import BatchStream, scan_class_folders
 
-    def features_of(items: list[tuple[Path, int]]) -> np.ndarray:
-        # Every image is readable (the demo wrote them), so batches line up with items.
-        stream = BatchStream(items, predictor.bundle.preprocess, batch_size=64)
+    def features_of(files: list[Path]) -> np.ndarray:
+        # Every image is readable (the demo wrote them), so batches line up with files.
+        stream = BatchStream(files, predictor.bundle.preprocess, batch_size=64)
         return np.concatenate([features(predictor.backbone, inputs) for inputs, _ in stream])
 
     folders = scan_class_folders(new_images)
-    items = folders.labelled()
-    train, labels = features_of(items), np.array([label for _, label in items])
+    train, labels = features_of(folders.paths()), folders.labels()
     means = np.stack([train[labels == c].mean(axis=0) for c in range(len(folders.class_names))])
-    test = features_of([(h.path, 0) for h in digits])
+    test = features_of([h.path for h in digits])
     nearest = ((test[:, None, :] - means[None]) ** 2).sum(axis=2).argmin(axis=1)
     return [{"path": str(h.path), "task": NEW_TASK, "label": folders.class_names[c]} for h, c in zip(digits, nearest)]
 

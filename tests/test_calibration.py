@@ -79,7 +79,7 @@ def test_qdq_graph_runs_in_onnxruntime_close_to_fp32(made, tmp_path, target):
     else:
         assert all(z.dtype == np.uint8 for z in zero_points)
     assert made_info["samples"] == 37 and made_info["excluded"] == [FIRST_CONV]  # the stem stays FP32 by default
-    inputs = next(iter(BatchStream([(f, 0) for f in files[40:]], bundle.preprocess, 32)))[0]  # not calibrated on
+    inputs = next(iter(BatchStream(files[40:], bundle.preprocess, 32)))[0]  # not calibrated on
     fp32, int8 = _features(bundle.graph_path("backbone"), inputs), _features(out, inputs)
     cosine = np.sum(fp32 * int8, axis=1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
     assert cosine.mean() > MIN_COSINE, cosine
@@ -128,7 +128,7 @@ def test_layer_report_charges_a_fused_convolution_to_the_activation_reading_it(m
     # The ONNX Runtime form folds each Relu into the Q/DQ pair after its Conv: no Conv output to compare.
     info = int8_onnx_from_fp32(bundle.graph_path("backbone"), out, ImageFolderReader(files, bundle.preprocess, samples=40),
                                QuantizeOptions(target="onnxruntime", fp32_first=False), tmp_path)
-    images = next(iter(BatchStream([(f, 0) for f in files[:8]], bundle.preprocess, 8)))[0]
+    images = next(iter(BatchStream(files[:8], bundle.preprocess, 8)))[0]
     rows = {r["node"]: r for r in layer_errors(info["prepared"], out, images, top=20)}
     for block in range(3):
         relu = rows[f"/trunk/trunk.{block}/trunk.{block}.2/Relu"]

@@ -7,6 +7,7 @@ device). Expected outputs are recomputed by hand from the bundle's ONNX graphs.
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,10 @@ from conftest import assert_one_line_error, file_tree, run_cli
 from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
 
 from pah_edge.bundle import Bundle, BundleError
+from pah_edge.device.images import BatchStream
 from pah_edge.device.predict import Predictor, image_files, softmax
 from pah_edge.errors import DataError
-from pah_edge.preprocess import load_image, to_input
+from pah_edge.preprocess import Preprocess, load_image, to_input
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +279,26 @@ def test_bad_task_commands_are_one_line_errors_and_change_nothing(bundle_dir, ar
 def test_help_of_the_new_commands(command, option):
     result = run_cli(*command, "--help")
     assert result.exit_code == 0 and option in result.stdout, result.output
+
+
+def test_batch_stream_reads_ahead_on_a_thread_in_order_and_stops_when_left():
+    pre = Preprocess(image_size=4)
+    readers = set()
+
+    def load(i: int) -> np.ndarray:
+        readers.add(threading.current_thread().name)
+        if i == 3:
+            raise DataError("unreadable")
+        return np.full((4, 4, 3), i, np.uint8)
+
+    stream = BatchStream(list(range(10)), pre, 4, load=load)
+    batches = list(stream)
+    assert readers == {"pah-edge-prepare"}
+    assert [positions.tolist() for _, positions in batches] == [[0, 1, 2], [4, 5, 6, 7], [8, 9]]
+    for inputs, positions in batches:  # each image's pixels are its own item's
+        assert np.allclose(inputs[:, 0, 0, 0], to_input(np.stack([load(int(i)) for i in positions]), pre)[:, 0, 0, 0])
+    assert stream.skipped == [(3, "unreadable")]
+    left = iter(BatchStream(range(10**6), pre, 1, load=load))
+    next(left)
+    left.close()
+    assert not [t for t in threading.enumerate() if t.name == "pah-edge-prepare"]
