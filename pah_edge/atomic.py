@@ -52,10 +52,19 @@ STORAGE_ERRNOS = {errno.ENOSPC: "free space on its file system", errno.EDQUOT: "
                   errno.EIO: "check the storage device (an I/O error)"}
 
 
-def storage_error(exc: OSError, path: Path) -> StorageError:
-    """``exc`` from writing ``path`` as one line that names the fix."""
-    fix = STORAGE_ERRNOS.get(exc.errno, "check the file system").format(folder=path.parent)
-    return StorageError(f"could not write {path} ({exc.strerror or exc}): {fix}, then run the command again")
+# Only a write raises these; a denied access (EACCES, EPERM) or an I/O error may come from a read too.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def storage_error(exc: OSError, path: Path, *, writing: bool = True) -> StorageError:
+    """``exc`` from writing ``path`` (``writing=False``: from reading or writing it, which the caller
+    cannot tell) as one line that names the fix."""
+    why = f"({exc.strerror or exc})"
+    if writing or exc.errno in _WRITE_ERRNOS:
+        fix = STORAGE_ERRNOS.get(exc.errno, "check the file system").format(folder=path.parent)
+        return StorageError(f"could not write {path} {why}: {fix}, then run the command again")
+    fix = STORAGE_ERRNOS[errno.EIO] if exc.errno == errno.EIO else f"check you may read it and write to {path.parent}"
+    return StorageError(f"could not read or write {path} {why}: {fix}, then run the command again")
 
 
 def fsync_dir(directory: Path) -> None:

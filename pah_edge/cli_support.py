@@ -33,8 +33,8 @@ PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Show prog
 
 
 def user_errors(command):
-    """Print a PahEdgeError, or a storage fault from a write outside the bundle's own (a scratch copy,
-    a library's file), as one line and exit 1; anything else is a bug and keeps its traceback."""
+    """Print a PahEdgeError, or a storage fault outside the bundle's own writes (a read, a scratch
+    copy, a library's file), as one line and exit 1; anything else is a bug and keeps its traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -45,7 +45,7 @@ def user_errors(command):
         except OSError as exc:
             if exc.errno not in STORAGE_ERRNOS:
                 raise
-            print_error(str(storage_error(exc, Path(exc.filename or "a file"))))
+            print_error(str(storage_error(exc, Path(exc.filename or "a file"), writing=False)))
         raise typer.Exit(1)
 
     return wrapper

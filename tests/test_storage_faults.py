@@ -11,10 +11,12 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from conftest import file_tree, write_image_folder
 from tiny_bundle import make_tiny_bundle
 
 from pah_edge.atomic import atomic_write_bytes
+from pah_edge.cli_support import user_errors
 from pah_edge.errors import StorageError
 
 LIMIT_BYTES = 64  # below every file a task change writes (registry JSON, npz files)
@@ -80,3 +82,22 @@ def test_atomic_write_names_the_fix_for_each_fault(tmp_path, monkeypatch):
         with pytest.raises(StorageError, match=fix):
             atomic_write_bytes(target, b"new")
         assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["file.json"]
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    (errno.EACCES, "could not read or write /data/bundle/manifest.json (injected): check you may read it and write "
+                   "to /data/bundle, then run the command again"),
+    (errno.EIO, "could not read or write /data/bundle/manifest.json (injected): check the storage device"),
+    (errno.ENOSPC, "could not write /data/bundle/manifest.json (injected): free space on its file system"),
+])
+def test_a_fault_outside_the_bundles_writes_is_called_a_write_only_when_it_must_be_one(capsys, code, expected):
+    # Root reads any file whatever its mode, so the denied read is injected as the OSError it raises.
+    @user_errors
+    def command():
+        raise OSError(code, "injected", "/data/bundle/manifest.json")
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {expected}"), line
