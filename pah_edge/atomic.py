@@ -14,6 +14,13 @@ from pathlib import Path
 
 from pah_edge.errors import StorageError
 
+_TEMP_PREFIX, _TEMP_SUFFIX = ".", ".tmp"  # a temporary file is ".<name>.<random>.tmp" beside its target
+
+
+def is_temporary(file: Path) -> bool:
+    """Whether ``file`` is named as an atomic write's temporary file (one a crash may leave behind)."""
+    return file.name.startswith(_TEMP_PREFIX) and file.name.endswith(_TEMP_SUFFIX)
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (same-directory temp file, fsync, rename, fsync dir).
@@ -25,7 +32,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

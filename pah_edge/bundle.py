@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from pah_edge.atomic import atomic_write_bytes, atomic_write_json
+from pah_edge.atomic import atomic_write_bytes, atomic_write_json, is_temporary
 from pah_edge.bundle_layout import (CALIBRATION_NAME, INT8_BACKBONE_NAME, MANIFEST_NAME, REGISTRY_PATH, TASKS_DIR,
                                     BundleLayout)
 from pah_edge.errors import PahEdgeError, StorageError
@@ -240,7 +240,7 @@ class Bundle:
         self.layout.calibration_record.unlink(missing_ok=True)
         atomic_write_bytes(self.layout.int8_backbone, Path(model).read_bytes())
         atomic_write_json(self.layout.calibration_record, record)
-        self.layout.calibration_rejected.unlink(missing_ok=True)
+        self._unlink_quietly(self.layout.calibration_rejected)
 
     def reject_int8(self, record: dict[str, Any]) -> None:
         """Keep the report of a calibration that failed its --max-drop; an installed INT8 model stays."""
@@ -416,14 +416,14 @@ class Bundle:
         """Install the shared task-free state: its content-named file first, then the record naming it."""
         data = shared.to_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        name = f"task_free.{sha[:12]}.npz"
+        name = self.layout.task_free_state(sha).name
         atomic_write_bytes(self.path / name, data)
         atomic_write_json(self.layout.task_free_record, {"file": name, "sha256": sha, "created": utc_now(),
                                                           "images": shared.count, "threshold": shared.threshold,
                                                           "unknown_rate": shared.unknown_rate})
-        for old in self.path.glob("task_free.*.npz"):
+        for old in self.layout.task_free_states():
             if old.name != name:
-                old.unlink(missing_ok=True)
+                self._unlink_quietly(old)
 
     def set_task_stats(self, name: str, stats: TaskStats) -> TaskRecord:
         """Give a registered task (new) task-free statistics; its prototypes are untouched."""
@@ -432,7 +432,7 @@ class Bundle:
         updated = dataclasses.replace(record, stats_file=stats_file, stats_sha256=stats_sha)
         self._write_registry([updated if r.name == name else r for r in self.tasks()])
         if record.stats_file not in (None, stats_file):
-            self._task_file(record, record.stats_file).unlink(missing_ok=True)
+            self._unlink_quietly(self._task_file(record, record.stats_file))
         return updated
 
     def add_task(self, *, name: str, class_names, prototypes: np.ndarray, images_seen: int,
@@ -550,14 +550,25 @@ class Bundle:
             log.warning("could not delete %s (%s); it is removed on the next change to the bundle", file, exc.strerror)
 
     def _remove_orphans(self) -> None:
-        referenced = {f for r in self.tasks() for f in (r.file, r.stats_file)}
+        referenced = {self.path / f for r in self.tasks() for f in (r.file, r.stats_file) if f is not None}
+        orphans = [f for f in self.layout.tasks_dir.glob("*.npz") if f not in referenced]
+        # A task-free state replaced by a write that crashed (or could not delete it) stays beside the
+        # current one; without a readable record naming the current one, none is touched.
+        current = self._current_task_free_state()
+        if current is not None:
+            orphans += [f for f in self.layout.task_free_states() if f != current]
         # Interrupted atomic writes leave temporary files in the root too (calibrate, task-stats).
-        for file in [*self.layout.tasks_dir.glob("*"), *self.path.glob(".*.tmp")]:
-            orphan = file.parent == self.layout.tasks_dir and file.suffix == ".npz" \
-                and f"{TASKS_DIR}/{file.name}" not in referenced
-            if orphan or (file.name.startswith(".") and file.name.endswith(".tmp")):
-                self._unlink_quietly(file)
-                log.info("removed %s, left by an interrupted write", file)
+        orphans += [f for folder in (self.path, self.layout.tasks_dir) for f in folder.glob("*") if is_temporary(f)]
+        for file in orphans:
+            self._unlink_quietly(file)
+            log.info("removed %s, left by an interrupted write", file)
+
+    def _current_task_free_state(self) -> Path | None:
+        """The file task_free.json names; None without a readable record."""
+        try:
+            return self.path / json.loads(self.layout.task_free_record.read_text())["file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _write_registry(self, records: list[TaskRecord]) -> None:
         atomic_write_json(self.layout.registry,

@@ -130,6 +130,14 @@ class BundleLayout:
         """``engines/<graph>.<precision>.engine``, built or not."""
         return self.engines_dir / f"{graph}.{precision}{ENGINE_SUFFIX}"
 
+    def task_free_state(self, sha256: str) -> Path:
+        """``task_free.<sha>.npz``: the shared task-free state, named by its content's SHA-256."""
+        return self.root / f"task_free.{sha256[:12]}.npz"
+
+    def task_free_states(self) -> list[Path]:
+        """Every shared task-free state file present, the current one and any a crash left."""
+        return sorted(self.root.glob("task_free.*.npz"))
+
     def built_engines(self) -> list[Path]:
         """The engine files in ``engines/``, sorted by name."""
         return sorted(self.engines_dir.glob(f"*{ENGINE_SUFFIX}"))

@@ -153,6 +153,27 @@ def test_a_crash_before_the_registry_write_leaves_only_an_orphan_file(bundle_dir
     assert record.file != "tasks/lost.npz"
 
 
+def test_the_next_change_removes_what_interrupted_writes_left_and_keeps_the_current_state(bundle_dir):
+    bundle = Bundle.open(bundle_dir)
+    current = bundle.path / json.loads(bundle.layout.task_free_record.read_text())["file"]
+    left = [bundle_dir / "tasks" / "lost.npz", bundle_dir / "tasks" / ".registry.json.x1.tmp",
+            bundle_dir / ".task_free.json.x2.tmp", bundle.layout.task_free_state("0" * 64)]
+    for file in left:
+        file.write_bytes(b"left by a crash")
+    with bundle.lock():  # the next change takes the lock, which sweeps
+        _add(bundle, "c")
+    assert not [f for f in left if f.exists()]
+    assert current.exists() and bundle.shared_stats() is not None
+    assert [t.name for t in bundle.tasks()] == ["a", "b", "c"]
+    # Without a readable task-free record no state file can be told stale: all stay.
+    stale = bundle.layout.task_free_state("1" * 64)
+    stale.write_bytes(b"left by a crash")
+    bundle.layout.task_free_record.write_text("{")
+    with bundle.lock():
+        bundle.remove_task("c")
+    assert stale.exists() and current.exists()
+
+
 def test_the_device_side_modules_do_not_import_torch():
     code = ("import sys, pah_edge.bundle, pah_edge.export.verify, pah_edge.export.parity_inputs; "
             "print(sorted(m for m in ('torch', 'onnx', 'tensorrt') if m in sys.modules))")
