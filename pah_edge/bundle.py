@@ -542,12 +542,14 @@ class Bundle:
 
     @staticmethod
     def _unlink_quietly(file: Path) -> None:
-        """Delete a file no registry entry names; on storage that refuses, it stays an orphan that the
-        next holder of the lock deletes."""
+        """Delete a file nothing reads any more, after the change that retired it is committed: storage
+        that refuses leaves it behind with a warning, and the change stands (orphans in ``tasks/`` and
+        stale task-free states are swept again by the next holder of the lock)."""
         try:
             file.unlink(missing_ok=True)
         except OSError as exc:
-            log.warning("could not delete %s (%s); it is removed on the next change to the bundle", file, exc.strerror)
+            log.warning("could not delete %s (%s); nothing reads it any more: delete it when the storage allows",
+                        file, exc.strerror)
 
     def _remove_orphans(self) -> None:
         referenced = {self.path / f for r in self.tasks() for f in (r.file, r.stats_file) if f is not None}
