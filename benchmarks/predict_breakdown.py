@@ -11,13 +11,18 @@ CPU) and the whole calls: ``predict`` (``Predictor.predict`` of the file) and ``
 frame issue bounds at 30 % and 10 %.
 
 The single-threaded parts are also timed in CPU time of the calling thread (``cpu_ms``): on a machine
-whose other jobs take turns on the cores, wall time counts their turns too, CPU time does not.
+whose other jobs take turns on the cores, wall time counts their turns too, CPU time does not. And
+each of them right after a backbone call and then again at once (``after_backbone_vs_hot_ms``): what
+a frame pays, as the backbone's weights and activations have pushed its code and data out of the
+caches, against the same work back to back.
 
     python benchmarks/predict_breakdown.py /tmp/frames-demo/bundle --synthetic 640x480 \\
         --out benchmarks/results/predict_breakdown.json
 """
 
 from __future__ import annotations
+
+import pah_edge.blas_threads  # noqa: F401  (first, as in the pah-edge command: one BLAS thread)
 
 import argparse
 import os
@@ -67,7 +72,10 @@ def main() -> None:
                 print(f"{r['file']} ({r['width']}x{r['height']}, {r['kb']:.0f} KB): "
                       + ", ".join(f"{p} {r['p50_ms'][p]:.2f}" for p in PARTS)
                       + f" ms; overhead {100 * r['overhead']:+.0f} %, frame {100 * r['frame_overhead']:+.0f} %; CPU "
-                      + ", ".join(f"{p} {r['cpu_ms'][p]:.2f}" for p in SINGLE_THREADED), file=sys.stderr)
+                      + ", ".join(f"{p} {r['cpu_ms'][p]:.2f}" for p in SINGLE_THREADED)
+                      + "; CPU after a backbone call / back to back: "
+                      + ", ".join(f"{p} {t['after_backbone']:.2f} / {t['hot']:.2f}"
+                                  for p, t in r["after_backbone_vs_hot_ms"].items()), file=sys.stderr)
     atomic_write_json(args.out, {"command": "python " + " ".join(sys.argv), "date": date.today().isoformat(),
                                  "machine": machine_info(), "versions": library_versions(),
                                  "bundle": str(args.bundle), "load_average": os.getloadavg(),
@@ -123,7 +131,25 @@ def breakdown(device: Device, file: Path, iterations: int) -> dict:
     p50 = {part: float(np.median(t)) for part, t in walls.items()}
     return {"file": file.name, "width": width, "height": height, "kb": file.stat().st_size / 1024, "p50_ms": p50,
             "cpu_ms": {part: float(np.median(cpus[part])) for part in SINGLE_THREADED},
+            "after_backbone_vs_hot_ms": _after_backbone_vs_hot({p: steps[p] for p in SINGLE_THREADED},
+                                                               steps["backbone"], iterations),
             "overhead": p50["predict"] / p50["backbone"] - 1, "frame_overhead": p50["predict_frame"] / p50["backbone"] - 1}
+
+
+def _after_backbone_vs_hot(parts: dict, backbone, iterations: int) -> dict:
+    """Median CPU ms of each part run right after a backbone call, as a frame meets it, and back to back
+    (its code and data left in the caches by its previous run)."""
+    after: dict[str, list[float]] = {p: [] for p in parts}
+    hot: dict[str, list[float]] = {p: [] for p in parts}
+    for _ in range(iterations):
+        for part, step in parts.items():
+            backbone()
+            for times in (after[part], hot[part]):
+                cpu = time.thread_time()
+                step()
+                times.append((time.thread_time() - cpu) * 1e3)
+    return {part: {"after_backbone": float(np.median(after[part])), "hot": float(np.median(hot[part]))}
+            for part in parts}
 
 
 if __name__ == "__main__":

@@ -298,6 +298,9 @@ def test_batch_stream_reads_ahead_on_a_thread_in_order_and_stops_when_left():
     for inputs, positions in batches:  # each image's pixels are its own item's
         assert np.allclose(inputs[:, 0, 0, 0], to_input(np.stack([load(int(i)) for i in positions]), pre)[:, 0, 0, 0])
     assert stream.skipped == [(3, "unreadable")]
+    readers.clear()
+    assert len(list(BatchStream([0, 1], pre, 4, load=load))) == 1  # one batch: nothing to overlap, no thread
+    assert readers == {threading.current_thread().name}
     left = iter(BatchStream(range(10**6), pre, 1, load=load))
     next(left)
     left.close()
