@@ -79,11 +79,16 @@ def test_kill_9_during_task_2_then_resume_equals_uninterrupted_run(tmp_path, mni
     assert json.loads((killed / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
 
 
-def test_resume_with_other_options_is_refused(two_tasks, tmp_path):
+def test_resume_with_other_options_is_refused_before_the_data_loads(two_tasks, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert CliRunner().invoke(app, ["train", str(two_tasks), *TINY, "--epochs", "1", "--out", str(out)]).exit_code == 0
+
+    def load_tasks(*args, **kwargs):  # minutes on a real dataset, wasted when the options are refused
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr("pah_edge.workstation.trainer.load_tasks", load_tasks)
     result = CliRunner().invoke(app, ["train", str(two_tasks), *TINY, "--epochs", "2", "--out", str(out), "--resume"])
-    assert result.exit_code == 1 and "epochs" in result.output
+    assert result.exit_code == 1 and "epochs" in result.output, result.output
 
 
 def test_a_run_from_before_an_option_existed_resumes_with_its_default(two_tasks, tmp_path):

@@ -73,12 +73,14 @@ def run_training(cfg: RunConfig, out_dir: Path, *, resume: bool = False, show_pr
     cfg = resolve(dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, backbone=canonical_backbone_name(cfg.model.backbone))))
     _refuse_to_overwrite(out_dir, resume)  # before minutes of data loading
+    resumed = _resumable(cfg, out_dir) if resume else None  # its options checked before the data loads too
     # A resumed run keeps the preprocessing it started with: one begun before the area resize rule goes
     # on training, and is exported, with the rule its first tasks were trained on.
-    preprocess = (Preprocess.from_dict(load_checkpoint(out_dir / CHECKPOINT_NAME)["preprocess"]) if resume
+    preprocess = (Preprocess.from_dict(resumed["preprocess"]) if resumed is not None
                   else Preprocess(image_size=cfg.model.image_size))
     tasks = load_tasks(cfg, preprocess, cfg.data.limit_per_class)
-    return train_continual(cfg, tasks, preprocess, out_dir, resume=resume, show_progress=show_progress)
+    return train_continual(cfg, tasks, preprocess, out_dir, resume=resumed if resumed is not None else False,
+                           show_progress=show_progress)
 
 
 def load_tasks(cfg: RunConfig, preprocess: Preprocess, limit_per_class: int | None) -> list[Task]:
@@ -93,8 +95,11 @@ def load_tasks(cfg: RunConfig, preprocess: Preprocess, limit_per_class: int | No
 
 
 def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, out_dir: Path, *,
-                    resume: bool = False, show_progress: bool = True) -> dict:
+                    resume: bool | dict = False, show_progress: bool = True) -> dict:
     """Train ``tasks`` in order (or jointly for ``method == "joint"``); returns the metrics dict.
+
+    ``resume``: continue the run in ``out_dir`` (True), or from its checkpoint already read and checked
+    by ``_resumable``.
 
     Writes ``checkpoint.pt``, ``config.json``, ``metrics.json``, ``accuracy_matrix.png`` and
     ``prototypes.png`` into ``out_dir`` (rank 0 only).
@@ -374,20 +379,26 @@ def _initial_params(model: PAHModel, train: ImageSet, normalize, cfg: RunConfig,
     return model.generator.init_params(means, random=cfg.model.prototype_init == "random", generator=generator)
 
 
-def _start_or_resume(cfg: RunConfig, tasks: list[Task], out_dir: Path, resume: bool) -> RunState:
-    _refuse_to_overwrite(out_dir, resume)
-    if not resume:
+def _start_or_resume(cfg: RunConfig, tasks: list[Task], out_dir: Path, resume: bool | dict) -> RunState:
+    _refuse_to_overwrite(out_dir, resume is not False)
+    if resume is False:
         _seed(cfg.train.seed, -1)
         return RunState(build_model(cfg.model, first_task_classes=tasks[0].num_classes), [], [])
+    state = _resumable(cfg, out_dir) if resume is True else resume
+    if state["tasks"] != _task_records(tasks):
+        raise CheckpointError(f"--resume with different data than the run in {out_dir}; pass the original data options")
+    return RunState(model_from_checkpoint(state), state["acc_matrix"], state["val_acc"])
+
+
+def _resumable(cfg: RunConfig, out_dir: Path) -> dict:
+    """The checkpoint of the run in ``out_dir``; CheckpointError unless it was run with ``cfg``'s options."""
     state = load_checkpoint(out_dir / CHECKPOINT_NAME)
     saved = RunConfig.from_dict(state["config"]).to_dict()  # options added since the run take their defaults
     if saved != cfg.to_dict():
         changed = _changed_keys(saved, cfg.to_dict())
         raise CheckpointError(f"--resume with different options than the run in {out_dir} ({', '.join(changed)}); "
                               "pass the original options or choose another --out")
-    if state["tasks"] != _task_records(tasks):
-        raise CheckpointError(f"--resume with different data than the run in {out_dir}; pass the original data options")
-    return RunState(model_from_checkpoint(state), state["acc_matrix"], state["val_acc"])
+    return state
 
 
 def _refuse_to_overwrite(out_dir: Path, resume: bool) -> None:
