@@ -81,11 +81,18 @@ def prepare_inputs(preprocess: Preprocess, images: Path | None, work: Path, *, c
         pool, frame = _read_images(images, preprocess, count)
         source = str(images)
     folder = work / "learn-task"
-    for j in range(count):
-        path = folder / f"class{j % classes:02d}" / f"{j:03d}.png"
+    for j, (image, label) in enumerate(zip(*learn_task_images(pool, classes))):
+        path = folder / f"class{label:02d}" / f"{j:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pool[j % len(pool)]).save(path)
+        Image.fromarray(image).save(path)
     return Inputs(pool, frame, folder, source)
+
+
+def learn_task_images(pool: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, int labels) of the learn-task folder: the pool cycled to IMAGES_PER_CLASS per
+    class, image j in class j % classes."""
+    order = np.arange(classes * IMAGES_PER_CLASS)
+    return pool[order % len(pool)], order % classes
 
 
 def _read_images(folder: Path, preprocess: Preprocess, count: int) -> tuple[np.ndarray, Path]:
@@ -117,11 +124,10 @@ def scratch_bundle(bundle: Bundle, work: Path, inputs: Inputs, *, classes: int) 
     prototypes = 0.1 * np.random.default_rng(0).standard_normal((classes, *scratch.prototype_shape))
     stats = None
     if scratch.shared_stats() is not None:  # task-free prediction then covers this task as it does any other
+        images, labels = learn_task_images(inputs.pool, classes)
         with backbone_runner(scratch, "onnxruntime-cpu", "fp32") as runner:
-            # The learn-task folder's images and labels: the pool cycled to IMAGES_PER_CLASS per class.
-            order = np.arange(classes * IMAGES_PER_CLASS)
-            features = features_of_arrays(runner, inputs.pool[order % len(inputs.pool)], scratch)
-        stats = task_stats(features, order % classes, classes)
+            features = features_of_arrays(runner, images, scratch)
+        stats = task_stats(features, labels, classes)
     scratch.add_task(name=BENCH_TASK, class_names=[f"class{i:02d}" for i in range(classes)], prototypes=prototypes,
                      images_seen=0, accuracy=None, source="device", replace=True, stats=stats)
     return scratch
