@@ -167,9 +167,9 @@ class NewTask:
     def from_arrays(cls, images: Sequence[np.ndarray], labels: Sequence, *, bgr: bool = False) -> NewTask:
         """Frames (uint8 [H, W, 3] RGB, or BGR with ``bgr``, or [H, W] gray) with one label each.
 
-        Labels are class names (str) or class numbers (int); classes are ordered as sorted names or
-        numbers, as class folders are, and images are taken class by class in their given order. Every
-        frame is checked here (FrameError), none is resized.
+        Labels are class names (str) or class numbers (int, named by their digits); classes are ordered
+        by name as class folders are ("10" before "2"), and images are taken class by class in their
+        given order. Every frame is checked here (FrameError), none is resized.
         """
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels: give one label per image")
@@ -190,18 +190,17 @@ class NewTask:
 def _classes_of(labels: Sequence) -> tuple[tuple[str, ...], np.ndarray]:
     """(class names, int64 class index per label) of labels that are all names (str) or all numbers (int)."""
     values = list(labels)
+    if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+        values = [str(int(v)) for v in values]  # a class number is the name of its folder
     if all(isinstance(v, str) for v in values):
-        order = sorted(set(values))
-    elif all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
-        values = [int(v) for v in values]
-        order = sorted(set(values))
+        order = sorted(set(values))  # as class folders sort: by name, so "10" before "2"
     else:
         raise DataError("labels must be all class names (str) or all class numbers (int): "
                         "convert them, e.g. [str(label) for label in labels]")
     if len(order) < 2:
         raise DataError(f"the labels name {len(order)} class(es); a task needs at least 2 classes")
     index = {value: i for i, value in enumerate(order)}
-    return tuple(map(str, order)), np.asarray([index[v] for v in values], np.int64)
+    return tuple(order), np.asarray([index[v] for v in values], np.int64)
 
 
 def accuracy(heads: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float | None:

@@ -90,6 +90,8 @@ class Predictor:
 
     def __exit__(self, *exc) -> None:
         self._runners.close()
+        # The INT8 runner closed with the others: a restart starts it again when a task needs it.
+        self._int8, self._int8_failed, self._int8_sha256 = None, False, None
 
     def backbone_for(self, task: str | None = None) -> Runner:
         """The backbone ``task`` (None: task-free over every task) is predicted on; see the class."""

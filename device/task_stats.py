@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pah_edge.bundle import Bundle
+from pah_edge.bundle import Bundle, BundleError
 from pah_edge.device.bundle_runners import backbone_runner, features
 from pah_edge.device.images import BatchStream, check_no_class_empty, scan_class_folders, warn_skipped
 from pah_edge.device.runtimes import Runner
@@ -63,12 +63,20 @@ def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *,
     """Fit the shared state and every given task's statistics; write them into ``bundle``.
 
     The novelty threshold is the one that calls ``unknown_rate`` of the held-out images unknown. The
-    caller holds the bundle's lock (or owns the bundle, as export does).
+    caller holds the bundle's lock (or owns the bundle, as export does). DataError when a task left
+    out keeps its statistics in the shared state (its scatter would be lost), or nothing is held out.
     """
+    _check_none_depends_on_the_old_state(bundle, {t.name for t in tasks})
+    held_out = np.concatenate([t.held_out for t in tasks])
+    if not len(held_out):
+        raise DataError("no image is left to set the novelty threshold on: give at least 2 images in some class "
+                        "(20 % of a class's images, at least one when it has 2, are held out for it)")
     classes = [len(bundle.task(t.name).class_names) for t in tasks]
     shared, stats = workstation_stats([(t.fit, t.labels, c) for t, c in zip(tasks, classes)])
+    if not np.trace(shared.scatter) > 0:  # every class fitted on one image: no covariance to invert
+        raise DataError("the images show no variation within a class: give at least 3 images in some class "
+                        "(2 to measure how it varies, 1 held out for the novelty threshold)")
     rule = TaskFreeRule(shared, list(zip([t.name for t in tasks], stats)))
-    held_out = np.concatenate([t.held_out for t in tasks])
     shared = with_threshold(shared, rule.scores(held_out)[1], unknown_rate)
     bundle.write_shared_stats(shared)
     for task, task_stats in zip(tasks, stats):
@@ -76,10 +84,29 @@ def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *,
     left_out = [r.name for r in bundle.tasks() if r.stats_file is None]
     if left_out:
         log.warning("task(s) %s have no task-free statistics and stay out of task-free prediction: give their "
-                    "images as DIR/<task>/<class>/* to `pah-edge task-stats %s --images DIR`", ", ".join(left_out),
-                    bundle.path)
+                    "images, with those of %s, as DIR/<task>/<class>/* to `pah-edge task-stats %s --images DIR`",
+                    ", ".join(left_out), ", ".join(t.name for t in tasks), bundle.path)
     return TaskFreeReport(images=int(shared.count), held_out_images=len(held_out), threshold=shared.threshold,
                           unknown_rate=unknown_rate, tasks=[t.name for t in tasks])
+
+
+def _check_none_depends_on_the_old_state(bundle: Bundle, given: set[str]) -> None:
+    """DataError naming the tasks outside ``given`` whose within-class scatter lives only in the shared
+    state (statistics written by export or task-stats: class means without a factor), which a new
+    shared state would drop. Tasks learned on the device carry their own and stay as they are."""
+    dependent = []
+    for record in bundle.tasks():
+        if record.name in given or record.stats_file is None:
+            continue
+        try:
+            if not len(bundle.load_task_stats(record).factor):
+                dependent.append(record.name)
+        except BundleError:
+            continue  # unreadable statistics already leave the task out of task-free prediction
+    if dependent:
+        raise DataError(f"task(s) {', '.join(dependent)} would lose their task-free statistics: their within-class "
+                        "scatter lives in the shared state this rebuilds from the tasks given; give their images "
+                        "too, as DIR/<task>/<class>/*")
 
 
 def features_of_arrays(runner: Runner, images_uint8: np.ndarray, bundle: Bundle) -> np.ndarray:
@@ -130,6 +157,6 @@ def _held_out(labels: np.ndarray, read: np.ndarray, classes: int) -> np.ndarray:
     held = np.zeros(len(labels), bool)
     for label in range(classes):
         members = np.flatnonzero((labels == label) & read)
-        n = min(round(HELD_OUT_FRACTION * len(members)), len(members) - 1)
+        n = min(max(round(HELD_OUT_FRACTION * len(members)), 1), len(members) - 1)
         held[np.random.default_rng(label).permutation(members)[:max(n, 0)]] = True
     return held

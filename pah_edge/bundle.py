@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -123,6 +124,16 @@ class TaskRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskRecord:
         try:
+            # The registry is user-editable: a value of the wrong type is caught here, not deep in a command.
+            wrong = [k for k in ("name", "file", "sha256", "created", "source") if not isinstance(d[k], str)]
+            wrong += [k for k in ("stats_file", "stats_sha256", "precision", "backbone_sha256")
+                      if not isinstance(d.get(k), (str, type(None)))]
+            if not isinstance(d["class_names"], list) or not all(isinstance(c, str) for c in d["class_names"]):
+                wrong.append("class_names")
+            if not isinstance(d["accuracy"], (int, float, type(None))) or isinstance(d["accuracy"], bool):
+                wrong.append("accuracy")
+            if wrong:
+                raise TypeError(f"wrong type of {', '.join(wrong)}")
             record = cls(name=d["name"], class_names=tuple(d["class_names"]), file=d["file"], sha256=d["sha256"],
                          images_seen=int(d["images_seen"]), accuracy=d["accuracy"], created=d["created"],
                          bytes=int(d["bytes"]), source=d["source"], stats_file=d.get("stats_file"),
@@ -428,9 +439,12 @@ class Bundle:
     def set_task_stats(self, name: str, stats: TaskStats) -> TaskRecord:
         """Give a registered task (new) task-free statistics; its prototypes are untouched."""
         record = self.task(name)
-        stats_file, stats_sha = self._write_stats(record.file, stats, taken=set())
+        records = self.tasks()
+        # A new file, never the one the registry names: a crash before the registry write leaves the
+        # task with its old statistics.
+        stats_file, stats_sha = self._write_stats(record.file, stats, taken=_files_of(records))
         updated = dataclasses.replace(record, stats_file=stats_file, stats_sha256=stats_sha)
-        self._write_registry([updated if r.name == name else r for r in self.tasks()])
+        self._write_registry([updated if r.name == name else r for r in records])
         if record.stats_file not in (None, stats_file):
             self._unlink_quietly(self._task_file(record, record.stats_file))
         return updated
@@ -464,7 +478,7 @@ class Bundle:
         written = [file]
         try:
             atomic_write_bytes(self.path / file, data)
-            stats_file, stats_sha = self._write_stats(file, stats, taken={r.stats_file for r in records}) \
+            stats_file, stats_sha = self._write_stats(file, stats, taken=_files_of(records) | {file}) \
                 if stats is not None else (None, None)
             written.append(stats_file)
             record = TaskRecord(name=name, class_names=class_names, file=file, sha256=sha,
@@ -475,8 +489,7 @@ class Bundle:
             self._write_registry([record if r.name == name else r for r in records] if old else [*records, record])
         except StorageError:
             # The registry still names the old files only: what this call wrote goes, nothing else.
-            referenced = {f for r in records for f in (r.file, r.stats_file)}
-            for orphan in set(written) - referenced - {None}:
+            for orphan in set(written) - _files_of(records) - {None}:
                 self._unlink_quietly(self.path / orphan)
             raise
         if old is not None:
@@ -516,11 +529,14 @@ class Bundle:
             raise BundleError("prototypes contain NaN or infinity; learn the task again")
 
     def _write_stats(self, task_file: str, stats: TaskStats, *, taken: set) -> tuple[str, str]:
-        """Write ``stats`` beside the task's prototypes file; (its path in the bundle, SHA-256)."""
+        """Write ``stats`` beside the task's prototypes file, under a name no file in ``taken`` (every
+        file the registry names) has; (its path in the bundle, SHA-256)."""
         data = stats.to_bytes()
         sha = hashlib.sha256(data).hexdigest()
         stem = task_file.removesuffix(".npz")
-        file = next(f for f in (f"{stem}.stats.npz", f"{stem}.stats.{sha[:12]}.npz") if f not in taken)
+        names = itertools.chain([f"{stem}.stats.npz", f"{stem}.stats.{sha[:12]}.npz"],
+                                (f"{stem}.stats.{sha[:12]}.{i}.npz" for i in itertools.count(1)))
+        file = next(f for f in names if f not in taken)
         atomic_write_bytes(self.path / file, data)
         return file, sha
 
@@ -552,7 +568,7 @@ class Bundle:
                         file, exc.strerror)
 
     def _remove_orphans(self) -> None:
-        referenced = {self.path / f for r in self.tasks() for f in (r.file, r.stats_file) if f is not None}
+        referenced = {self.path / f for f in _files_of(self.tasks())}
         orphans = [f for f in self.layout.tasks_dir.glob("*.npz") if f not in referenced]
         # A task-free state replaced by a write that crashed (or could not delete it) stays beside the
         # current one; without a readable record naming the current one, none is touched.
@@ -575,6 +591,11 @@ class Bundle:
     def _write_registry(self, records: list[TaskRecord]) -> None:
         atomic_write_json(self.layout.registry,
                           {"format_version": REGISTRY_FORMAT_VERSION, "tasks": [r.to_dict() for r in records]})
+
+
+def _files_of(records: list[TaskRecord]) -> set[str]:
+    """Every file the registry entries name: prototypes and statistics."""
+    return {f for r in records for f in (r.file, r.stats_file) if f is not None}
 
 
 def _load_checked_npz(file: Path, sha256: str | None, fix: str, *, shown: str | None = None,

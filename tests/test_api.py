@@ -18,7 +18,7 @@ from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
 
 import pah_edge
 from pah_edge import Device, Prediction
-from pah_edge.bundle import Bundle, BundleError
+from pah_edge.bundle import Bundle, BundleError, sha256_file
 from pah_edge.errors import DataError, FrameError, PahEdgeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +165,20 @@ def test_without_with_the_device_starts_on_first_use_and_closes(made):
     device.close()
 
 
+def test_a_task_learned_on_int8_is_predicted_again_after_close(bundle_dir, mnist_digits):
+    bundle = Bundle.open(bundle_dir)
+    # The FP32 graph stands in for `pah-edge calibrate`'s INT8 model: only its start and restart matter.
+    bundle.install_int8(bundle.graph_path("backbone"),
+                        {"passed": True, "sha256": sha256_file(bundle.graph_path("backbone"))})
+    images = [np.repeat(d[:, :, None], 3, axis=2) for k in (1, 7) for d in mnist_digits[k][:8]]
+    device = Device(bundle, **CPU)
+    device.learn_task_arrays(images, [1] * 8 + [7] * 8, name="q8", precision="int8")
+    first = device.predict(images[0], task="q8")
+    device.close()
+    assert device.predict(images[0], task="q8") == first  # the INT8 runner starts again
+    device.close()
+
+
 # --- learning ----------------------------------------------------------------------------------------
 
 
@@ -196,15 +210,15 @@ def test_arrays_and_a_folder_learn_the_same_task(made, mnist_digits, tmp_path):
 
 def test_learn_task_arrays_with_numbers_bgr_and_then_predict(bundle_dir, mnist_digits):
     images = [np.repeat(d[:, :, None], 3, axis=2) for k in (2, 8) for d in mnist_digits[k][:10]]
-    labels = [k for k in (2, 8) for _ in range(10)]
+    labels = [2] * 10 + [10] * 10  # eights numbered 10: classes sort by name, as folders "2" and "10" do
     with Device(bundle_dir, **CPU) as dev:
         dev.predict(images[0])  # the backbone is running: learning shares it
         learned = dev.learn_task_arrays([i[:, :, ::-1] for i in images], labels, name="twos", bgr=True)
-        assert learned.classes == ["2", "8"] and learned.train_accuracy >= 0.9
+        assert learned.classes == ["10", "2"] and learned.train_accuracy >= 0.9
         assert learned.runtime == "onnxruntime-cpu"
         assert [t.name for t in dev.tasks()] == ["a", "b", "c", "twos"]
         predicted = dev.predict_batch([mnist_digits[2][50], mnist_digits[8][50]], task="twos")
-        assert [p.label for p in predicted] == ["2", "8"]
+        assert [p.label for p in predicted] == ["2", "10"]
         dev.rename_task("twos", "pairs")
         dev.remove_task("pairs")
         assert [t.name for t in dev.tasks()] == ["a", "b", "c"]

@@ -12,6 +12,7 @@ from conftest import run_cli_process
 from tiny_bundle import export_tiny_run
 
 from pah_edge.bundle import Bundle, BundleError, validate_task_name
+from pah_edge.task_free import TaskStats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,6 +173,52 @@ def test_the_next_change_removes_what_interrupted_writes_left_and_keeps_the_curr
     with bundle.lock():
         bundle.remove_task("c")
     assert stale.exists() and current.exists()
+
+
+def _stats(bundle: Bundle, classes: int, seed: int) -> TaskStats:
+    rng = np.random.default_rng(seed)
+    dim = bundle.feature_dim
+    return TaskStats(rng.standard_normal((classes, dim)), np.full(classes, 5), rng.standard_normal((classes, dim)), 0.1)
+
+
+def test_a_task_named_like_another_tasks_statistics_keeps_its_files(bundle_dir):
+    bundle = Bundle.open(bundle_dir)
+    dotted = _add(bundle, "n.stats", stats=_stats(bundle, 4, 1))  # its prototypes: tasks/n.stats.npz
+    plain = _add(bundle, "n", seed=2, stats=_stats(bundle, 4, 2))  # its statistics must go elsewhere
+    assert len({dotted.file, dotted.stats_file, plain.file, plain.stats_file}) == 4
+    np.testing.assert_array_equal(bundle.load_prototypes("n.stats"), _protos(4))
+    for name, seed in (("n.stats", 1), ("n", 2)):
+        np.testing.assert_allclose(bundle.load_task_stats(bundle.task(name)).means,
+                                   _stats(bundle, 4, seed).means, rtol=1e-3)  # stored as float16
+
+
+def test_new_statistics_for_a_task_survive_a_crash_before_the_registry_names_them(bundle_dir, monkeypatch):
+    bundle = Bundle.open(bundle_dir)
+    _add(bundle, "n", stats=_stats(bundle, 4, 1))
+    before = bundle.load_task_stats(bundle.task("n"))
+
+    def crash(records):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle, "_write_registry", crash)
+    with pytest.raises(KeyboardInterrupt):
+        bundle.set_task_stats("n", _stats(bundle, 4, 2))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(bundle.load_task_stats(bundle.task("n")).means, before.means)
+    updated = bundle.set_task_stats("n", _stats(bundle, 4, 2))
+    assert updated.stats_file != bundle.task("a").stats_file
+    np.testing.assert_allclose(bundle.load_task_stats(updated).means, _stats(bundle, 4, 2).means, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("field", "value"), [("file", None), ("stats_file", 5), ("name", 7), ("created", 5),
+                                              ("accuracy", "high"), ("class_names", ["x", 2])])
+def test_a_registry_entry_of_the_wrong_type_is_a_one_line_error(bundle_dir, field, value):
+    registry = bundle_dir / "tasks" / "registry.json"
+    data = json.loads(registry.read_text())
+    data["tasks"][0][field] = value
+    registry.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=f"malformed .*wrong type of {field}"):
+        Bundle.open(bundle_dir).tasks()
 
 
 def test_the_device_side_modules_do_not_import_torch():

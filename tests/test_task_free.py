@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli, write_image_folder
+from conftest import assert_one_line_error, file_tree, run_cli, write_image_folder
 from tiny_bundle import QUERY_FILES, make_tiny_bundle, query_folder
 
 from pah_edge.bundle import Bundle
@@ -161,6 +161,43 @@ def test_task_stats_needs_exactly_one_source(bundle_dir, tmp_path):
     assert_one_line_error(run_cli("task-stats", bundle_dir), "--checkpoint RUN_DIR", "--images")
     (tmp_path / "other" / "x").mkdir(parents=True)
     assert_one_line_error(run_cli("task-stats", bundle_dir, "--images", tmp_path / "other"), "no folder named after a task")
+
+
+def _subset(labelled, dest, tasks, per_class):
+    """``dest/<task>/<class>/`` with the first ``per_class`` images of each class of ``tasks``."""
+    for task in tasks:
+        for folder in (labelled / task).iterdir():
+            (dest / task / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:per_class]:
+                shutil.copy(image, dest / task / folder.name / image.name)
+    return dest
+
+
+def test_task_stats_for_some_tasks_refuses_to_drop_the_scatter_of_the_others(bundle_dir, made, tmp_path):
+    before = file_tree(bundle_dir, lock=False)
+    only_c = _subset(made[3], tmp_path / "only_c", ["c"], per_class=10)  # a and b live in the shared state
+    assert_one_line_error(run_cli("task-stats", bundle_dir, "--images", only_c, "--no-progress"),
+                          "task(s) a, b would lose their task-free statistics", "give their images too")
+    assert file_tree(bundle_dir, lock=False) == before
+    # c, learned on the device, carries its own scatter: the shared state may be rebuilt without it.
+    result = run_cli("task-stats", bundle_dir, "--images", _subset(made[3], tmp_path / "ab", "ab", 10), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(run_cli("predict", made[1], "--bundle", bundle_dir, "--json").stdout)) == len(QUERY_FILES)
+
+
+@pytest.mark.parametrize(("per_class", "words"), [
+    (1, ["no image is left to set the novelty threshold on", "at least 2 images"]),
+    (2, ["no variation within a class", "at least 3 images"]),  # one held out of each two, one left to fit
+])
+def test_task_stats_on_too_few_images_is_a_one_line_error(bundle_dir, made, tmp_path, per_class, words):
+    before = file_tree(bundle_dir, lock=False)
+    few = _subset(made[3], tmp_path / "few", "abc", per_class)
+    assert_one_line_error(run_cli("task-stats", bundle_dir, "--images", few, "--no-progress"), *words)
+    assert file_tree(bundle_dir, lock=False) == before
+    result = run_cli("task-stats", bundle_dir, "--images", _subset(made[3], tmp_path / "three", "abc", 3),
+                     "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "of 10 held-out images" in result.stdout  # one of each class's three
 
 
 @pytest.mark.parametrize("damaged", ["statistics", "prototypes"])
