@@ -58,13 +58,14 @@ class TaskFreeReport(Report):
                 "images unknown"]
 
 
-def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *,
-                      unknown_rate: float = UNKNOWN_RATE) -> TaskFreeReport:
+def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *, unknown_rate: float = UNKNOWN_RATE,
+                      shown_path: Path | None = None) -> TaskFreeReport:
     """Fit the shared state and every given task's statistics; write them into ``bundle``.
 
     The novelty threshold is the one that calls ``unknown_rate`` of the held-out images unknown. The
-    caller holds the bundle's lock (or owns the bundle, as export does). DataError when a task left
-    out keeps its statistics in the shared state (its scatter would be lost), or nothing is held out.
+    caller holds the bundle's lock (or owns the bundle, as export does, building it in a temporary
+    folder: ``shown_path`` is the bundle's path in messages). DataError when a task left out keeps its
+    statistics in the shared state (its scatter would be lost), or too few images are given.
     """
     _check_none_depends_on_the_old_state(bundle, {t.name for t in tasks})
     held_out = np.concatenate([t.held_out for t in tasks])
@@ -85,7 +86,7 @@ def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *,
     if left_out:
         log.warning("task(s) %s have no task-free statistics and stay out of task-free prediction: give their "
                     "images, with those of %s, as DIR/<task>/<class>/* to `pah-edge task-stats %s --images DIR`",
-                    ", ".join(left_out), ", ".join(t.name for t in tasks), bundle.path)
+                    ", ".join(left_out), ", ".join(t.name for t in tasks), shown_path or bundle.path)
     return TaskFreeReport(images=int(shared.count), held_out_images=len(held_out), threshold=shared.threshold,
                           unknown_rate=unknown_rate, tasks=[t.name for t in tasks])
 

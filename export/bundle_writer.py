@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pah_edge.atomic import fsync_dir, atomic_write_json
+from pah_edge.atomic import atomic_write_json, fsync_dir, umask_mode
 from pah_edge.workstation.backbones import canonical_backbone_name
-from pah_edge.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, Bundle, sha256_file, task_name_from, utc_now
+from pah_edge.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, Bundle, sha256_file, unique_task_names, utc_now
 from pah_edge.bundle_layout import GRAPH_SPECS, BundleLayout
 from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from pah_edge.workstation.config import RunConfig
@@ -76,6 +76,7 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = OPSET, simpli
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(umask_mode(0o777))  # the bundle it becomes is readable as any folder the user makes
     try:
         layout = BundleLayout(tmp)
         graphs = _export_graphs(model, preprocess, tasks, layout, opset=opset, simplify=simplify, images=images)
@@ -123,7 +124,7 @@ def _task_free(bundle: Bundle, cfg: RunConfig, preprocess: Preprocess, per_class
         log.warning("the bundle has no task-free statistics (%s); add them where the data is with "
                     "`pah-edge task-stats %s --checkpoint RUN_DIR` or --images DIR", why, out_dir)
         return None
-    return install_task_free(bundle, features)
+    return install_task_free(bundle, features, shown_path=out_dir)
 
 
 def newest_run(runs_dir: Path, backbone: str) -> Path:
@@ -174,12 +175,9 @@ def _check_exportable(cfg: RunConfig, ckpt_path: Path, backbone: str | None) -> 
 def _workstation_tasks(state: dict, model: PAHModel) -> list[dict]:
     """The finished tasks as registry entries: valid unique names, prototypes, final test accuracy."""
     final_row = state["acc_matrix"][-1] if state["acc_matrix"] else []
-    tasks, names = [], set()
-    for i, record in enumerate(state["tasks"][: model.num_tasks]):
-        name = task_name_from(record["name"])
-        while name in names:  # two folders that differ only in characters a file name cannot hold
-            name = f"{name[:60]}-{i}"
-        names.add(name)
+    records = state["tasks"][: model.num_tasks]
+    tasks = []
+    for i, (record, name) in enumerate(zip(records, unique_task_names([r["name"] for r in records]))):
         tasks.append({"name": name, "class_names": list(record["class_names"]),
                       "prototypes": model.task_params[i].detach().cpu().numpy().astype(np.float32),
                       "images_seen": int(record["train_size"]),

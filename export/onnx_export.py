@@ -127,9 +127,15 @@ def onnx_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tens
     path = Path(path)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.onnx.export(module, tuple(example_inputs), str(path), dynamo=False, opset_version=opset,
-                          input_names=list(input_names), output_names=list(output_names),
-                          dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()}, do_constant_folding=True)
+        try:
+            torch.onnx.export(module, tuple(example_inputs), str(path), dynamo=False, opset_version=opset,
+                              input_names=list(input_names), output_names=list(output_names),
+                              dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()}, do_constant_folding=True)
+        except RuntimeError as exc:
+            if "opset" not in str(exc).lower():
+                raise
+            raise ExportError(f"--opset {opset}: this torch cannot export it ({exc}); use an older one, "
+                              f"{OPSET} at least") from None
     # The TorchScript exporter is chosen on purpose (its graphs keep HardSwish and dynamic axes), so
     # its deprecation notice is noise, as are its notes on strided slices left unfolded (EfficientNet-
     # Lite's padding: one per block); tracer warnings go into the result, and the parity check on

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pah_edge.bundle import Bundle, task_name_from
+from pah_edge.bundle import Bundle, unique_task_names
 from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pah_edge.workstation.config import RunConfig
 from pah_edge.device.bundle_runners import backbone_runner
@@ -25,15 +25,17 @@ def run_task_features(bundle: Bundle, cfg: RunConfig, preprocess: Preprocess, *,
     """Features of the run's train images (statistics) and val images (threshold) for each of its
     tasks that ``bundle`` registers as a workstation task (matched by name)."""
     registered = {r.name for r in bundle.tasks() if r.source == "workstation"}
-    tasks = [t for t in load_tasks(cfg, preprocess, per_class) if task_name_from(t.name) in registered]
+    loaded = load_tasks(cfg, preprocess, per_class)
+    # Named as export named them: two folders whose names clean up alike stay two tasks.
+    tasks = [(name, t) for name, t in zip(unique_task_names([t.name for t in loaded]), loaded) if name in registered]
     result = []
     with backbone_runner(bundle, "onnxruntime", "fp32") as runner, \
-            progress_bar(progress, "statistics", sum(len(t.train) + len(t.val) for t in tasks)) as advance:
-        for task in tasks:
+            progress_bar(progress, "statistics", sum(len(t.train) + len(t.val) for _, t in tasks)) as advance:
+        for name, task in tasks:
             fit = features_of_arrays(runner, task.train.images, bundle)
             held_out = features_of_arrays(runner, task.val.images, bundle)
             advance(len(task.train) + len(task.val))
-            result.append(TaskFeatures(task_name_from(task.name), fit, task.train.labels, held_out))
+            result.append(TaskFeatures(name, fit, task.train.labels, held_out))
     return result
 
 

@@ -73,6 +73,7 @@ def _task_state_text(state: dict) -> str:
 def verify_bundle(path: Path, *, images: Path | None = None) -> VerifyReport:
     """Check hashes, run the parity inputs through each runtime, and compare (see `VerifyReport`)."""
     bundle = Bundle.open(path)  # raises BundleError on a hash mismatch of the manifest's files
+    bundle.int8_backbone_path()  # ... and of an installed INT8 model against calibration.json
     tasks, prototypes = task_states(bundle)
     feeds = _feeds(bundle, prototypes, images)
     outputs: dict[str, dict[str, list[dict]]] = {}  # runtime -> graph -> outputs per feed

@@ -17,6 +17,15 @@ from pah_edge.errors import StorageError
 _TEMP_PREFIX, _TEMP_SUFFIX = ".", ".tmp"  # a temporary file is ".<name>.<random>.tmp" beside its target
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` (0o666 for a file, 0o777 for a folder) less the process's umask, as open() and mkdir()
+    apply it; tempfile's files (0600) and folders (0700) need it set by hand, or a bundle written by
+    one user is unreadable to the service that runs it."""
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mode & ~mask
+
+
 def is_temporary(file: Path) -> bool:
     """Whether ``file`` is named as an atomic write's temporary file (one a crash may leave behind)."""
     return file.name.startswith(_TEMP_PREFIX) and file.name.endswith(_TEMP_SUFFIX)
@@ -33,6 +42,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, umask_mode(0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

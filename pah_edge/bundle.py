@@ -84,6 +84,18 @@ def task_name_from(text: str) -> str:
     return name or "task"
 
 
+def unique_task_names(texts: list[str]) -> list[str]:
+    """Task names for a run's tasks, in order: ``task_name_from`` each, and a name already taken (two
+    folders that differ only in characters a name cannot hold) suffixed with the task's index."""
+    names: list[str] = []
+    for i, text in enumerate(texts):
+        name = task_name_from(text)
+        while name in names:
+            name = f"{name[:60]}-{i}"
+        names.append(name)
+    return names
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MB blocks."""
     digest = hashlib.sha256()

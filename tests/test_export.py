@@ -259,6 +259,61 @@ def test_verify_passes_a_good_bundle(runs, bundles):
     assert " NO " not in result.output and "learner_step" in result.output
 
 
+def test_a_bundle_is_readable_by_others_as_the_umask_says(bundles):
+    # tempfile makes its folders 0700 and files 0600; a service account on the device must read the bundle.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = bundles["classwise"][0]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o777 & ~mask)
+    modes = {p.relative_to(path).as_posix(): oct(p.stat().st_mode & 0o777) for p in path.rglob("*") if p.is_file()}
+    assert modes and set(modes.values()) == {oct(0o666 & ~mask)}, modes
+
+
+def test_an_opset_this_torch_cannot_export_is_a_one_line_error(runs, tmp_path):
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(runs["classwise"]), "--out", str(tmp_path / "b"),
+                                      "--opset", "99", "--no-simplify"])
+    assert result.exit_code == 1, result.output
+    assert "--opset 99: this torch cannot export it" in " ".join(result.output.split())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_is_no_checkpoint_is_a_one_line_error(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "checkpoint.pt")
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--out",
+                                      str(tmp_path / "b")])
+    assert result.exit_code == 1 and "holds a Tensor, not a pah-edge checkpoint" in " ".join(result.output.split())
+
+
+def test_verify_checks_the_installed_int8_model_against_its_record(bundles, tmp_path):
+    path = shutil.copytree(bundles["classwise"][0], tmp_path / "bundle")
+    bundle = Bundle.open(path)
+    backbone = bundle.graph_path("backbone")
+    bundle.install_int8(backbone, {"passed": True, "sha256": sha256_file(backbone)})  # stands in for calibrate's
+    with open(path / "backbone.int8.onnx", "ab") as model:
+        model.write(b"garbage")
+    result = CliRunner().invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and "backbone.int8.onnx does not match its SHA-256" in result.output
+
+
+def test_two_tasks_whose_names_clean_up_alike_keep_their_own_statistics(mnist_digits, tmp_path):
+    data = write_image_folder(tmp_path / "data", mnist_digits, {"x y": [0, 1], "x+y": [2, 3]}, per_class=12)
+    bundle = Bundle.open(export_bundle(_train(data, tmp_path / "run", epochs=1), tmp_path / "bundle").bundle)
+    names = [t.name for t in bundle.tasks()]
+    assert names == ["x_y", "x_y-1"]
+    means = [bundle.load_task_stats(bundle.task(name)).means for name in names]
+    assert not np.allclose(means[0], means[1])  # before, both held the second task's class means
+
+
+def test_a_run_on_a_relative_folder_exports_its_statistics_from_any_directory(mnist_digits, tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "data", mnist_digits, {"a": [0, 1], "b": [2, 3]}, per_class=12)
+    monkeypatch.chdir(tmp_path)
+    _train(Path("data"), tmp_path / "run", epochs=1)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    export_bundle(tmp_path / "run", tmp_path / "bundle", simplify=False)
+    assert Bundle.open(tmp_path / "bundle").shared_stats() is not None  # the run's data was found again
+
+
 def test_tolerance_with_both_limits_passes_when_either_holds():
     tol = Tolerance(abs=1e-4, rel=1e-5)
     assert tol.violations({"features": {"abs": 2e-4, "rel": 1e-6}}) == []  # large features, tiny relative error

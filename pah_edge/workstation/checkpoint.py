@@ -31,6 +31,9 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}); retrain or restore it") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a pah-edge checkpoint; pass the "
+                              "checkpoint.pt of a `pah-edge train` run")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format {state.get('format_version')}, this pah-edge reads {FORMAT_VERSION}; "

@@ -6,6 +6,7 @@ The resolved configuration is saved as ``config.json`` next to every run, with l
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from pah_edge.errors import ConfigError
@@ -114,7 +115,14 @@ def resolve(cfg: RunConfig) -> RunConfig:
         t = dataclasses.replace(t, stability=0.0, proto_distill_weight=0.0)
     if m.hidden_dim is None:
         m = dataclasses.replace(m, hidden_dim=generator_kind(m.generator).hidden_dim)
-    return dataclasses.replace(cfg, model=m, train=t)
+    return dataclasses.replace(absolute_folder(cfg), model=m, train=t)
+
+
+def absolute_folder(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its image folder as an absolute path: export reloads the run's data from any directory."""
+    if cfg.data.folder is None:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, folder=os.path.abspath(cfg.data.folder)))
 
 
 def auto_prototype_size(feature_dim: int, channels: int) -> int:

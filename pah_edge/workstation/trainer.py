@@ -39,7 +39,7 @@ from torch.utils.data import TensorDataset
 from pah_edge.atomic import atomic_write_json
 from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
 from pah_edge.workstation.backbones import canonical_backbone_name
-from pah_edge.workstation.config import RunConfig, TrainConfig, resolve
+from pah_edge.workstation.config import RunConfig, TrainConfig, absolute_folder, resolve
 from pah_edge.machine import library_versions
 from pah_edge.workstation.data import ImageSet, Task, load_benchmark, load_image_folder
 from pah_edge.workstation.distributed import DistContext
@@ -393,7 +393,9 @@ def _start_or_resume(cfg: RunConfig, tasks: list[Task], out_dir: Path, resume: b
 def _resumable(cfg: RunConfig, out_dir: Path) -> dict:
     """The checkpoint of the run in ``out_dir``; CheckpointError unless it was run with ``cfg``'s options."""
     state = load_checkpoint(out_dir / CHECKPOINT_NAME)
-    saved = RunConfig.from_dict(state["config"]).to_dict()  # options added since the run take their defaults
+    # Options added since the run take their defaults; a run from before folders were stored absolute
+    # gave its folder relative to where it was started, as the resuming command does.
+    saved = absolute_folder(RunConfig.from_dict(state["config"])).to_dict()
     if saved != cfg.to_dict():
         changed = _changed_keys(saved, cfg.to_dict())
         raise CheckpointError(f"--resume with different options than the run in {out_dir} ({', '.join(changed)}); "
