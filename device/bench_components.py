@@ -235,7 +235,7 @@ def predict_task_free(ctx: Context, runtime: str, precision: str | None) -> Iter
     """One image file, no task given: predict-e2e's path with the discriminant over every task's
     classes and the novelty score in place of one generated head."""
     if ctx.scratch.shared_stats() is None:
-        raise Skipped(f"the bundle has no task-free statistics: add them with `pah-edge task-stats {ctx.bundle.path}`")
+        raise Skipped(f"the bundle has no task-free statistics: add them with `pah-edge task-stats {ctx.bundle.path} --checkpoint RUN_DIR` (or --images DIR)")
     files = [ctx.inputs.frame]
     with _device(ctx, runtime, precision) as (device, runner):
         free = _timed(lambda: device.predict_files(files, batch_size=1))

@@ -24,6 +24,7 @@ from pah_edge.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, Bundle, sha256
 from pah_edge.bundle_layout import GRAPH_SPECS, BundleLayout
 from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from pah_edge.workstation.config import RunConfig
+from pah_edge.workstation.data.splits import MIN_PER_CLASS
 from pah_edge.device.task_stats import TaskFreeReport, install_task_free
 from pah_edge.errors import CheckpointError, ConfigError, DataError, PahEdgeError
 from pah_edge.export.graphs import LearnerStepGraph
@@ -65,6 +66,8 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = OPSET, simpli
     _check_destination(out_dir, force)  # before minutes of export work
     if images is not None and not Path(images).is_dir():
         raise DataError(f"--images {images} is not a folder; give a folder of .png/.jpg images")
+    if stats_per_class < MIN_PER_CLASS:  # the run's data is split into train, val and test per class
+        raise ConfigError(f"--stats-per-class must be at least {MIN_PER_CLASS}, got {stats_per_class}")
     if engine is not None:
         _check_engine_possible(engine)
     state = load_checkpoint(ckpt_path)

@@ -277,6 +277,13 @@ def test_an_opset_this_torch_cannot_export_is_a_one_line_error(runs, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_too_few_statistics_images_are_refused_before_the_export(runs, tmp_path):
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(runs["classwise"]), "--out", str(tmp_path / "b"),
+                                      "--stats-per-class", "2"])
+    assert result.exit_code == 1 and "--stats-per-class must be at least 3, got 2" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_file_that_is_no_checkpoint_is_a_one_line_error(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "checkpoint.pt")
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--out",

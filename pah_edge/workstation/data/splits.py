@@ -14,14 +14,17 @@ from pah_edge.errors import ConfigError, DataError
 ClassSplit = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+MIN_PER_CLASS = 3  # images per class: one each for train, val and test
+
+
 def check_options(*, seed: int, limit_per_class: int | None, val_fraction: float, test_fraction: float) -> None:
     """Raise ConfigError for options no dataset can satisfy."""
     if not isinstance(seed, numbers.Integral) or seed < 0:
         raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
-    if limit_per_class is not None and (not isinstance(limit_per_class, numbers.Integral) or limit_per_class < 3):
-        raise ConfigError(
-            f"limit_per_class must be at least 3 (one train, val and test image per class), got {limit_per_class!r}"
-        )
+    if limit_per_class is not None and (not isinstance(limit_per_class, numbers.Integral)
+                                        or limit_per_class < MIN_PER_CLASS):
+        raise ConfigError(f"limit_per_class must be at least {MIN_PER_CLASS} (one train, val and test image per "
+                          f"class), got {limit_per_class!r}")
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= fraction < 1:
             raise ConfigError(f"{name} must be in [0, 1), got {fraction!r}")
