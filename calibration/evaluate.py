@@ -18,7 +18,7 @@ import numpy as np
 from pah_edge.bundle import Bundle, TaskRecord
 from pah_edge.device.bench_timing import alternating, wall_ms_call
 from pah_edge.device.bundle_runners import generator_runner
-from pah_edge.device.images import BatchStream, check_no_class_empty, scan_class_folders, warn_skipped
+from pah_edge.device.images import BatchStream, ClassFolders, check_no_class_empty, scan_class_folders, warn_skipped
 from pah_edge.device.learner import accuracy
 from pah_edge.device.runtimes import create_runner
 from pah_edge.errors import DataError
@@ -34,7 +34,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def eval_task_folders(bundle: Bundle, eval_dir: Path | None) -> dict[str, Path]:
-    """{registered task: its held-out folder ``eval_dir/<task>/<class>/*``}; DataError for an unknown task folder."""
+    """{registered task: its held-out folder ``eval_dir/<task>/<class>/*``}; DataError for an unknown task
+    or class folder, found before any work (nothing is decoded)."""
     if eval_dir is None:
         return {}
     root = Path(eval_dir)
@@ -48,7 +49,20 @@ def eval_task_folders(bundle: Bundle, eval_dir: Path | None) -> dict[str, Path]:
                         f"tasks: {', '.join(names) or 'none'}. Rename or remove them")
     if not folders:
         raise DataError(f"--eval {root} has no task folders: lay it out as EVAL/<task>/<class>/<images>")
+    for name, folder in folders.items():
+        _task_classes(bundle.task(name), scan_class_folders(folder))
     return folders
+
+
+def _task_classes(record: TaskRecord, folders: ClassFolders) -> np.ndarray:
+    """The task's class index of each class folder; DataError naming folders the task does not know."""
+    # A class name may hold "/" (Fashion-MNIST's "T-shirt/top"), which no folder name can: "_" stands in.
+    by_folder = {name.replace("/", "_"): i for i, name in enumerate(record.class_names)}
+    unknown = sorted(set(folders.class_names) - set(by_folder))
+    if unknown:
+        raise DataError(f"{folders.root} has class folders task {record.name!r} does not know ({', '.join(unknown)}); "
+                        f"its classes: {', '.join(by_folder)}")
+    return np.asarray([by_folder[c] for c in folders.class_names], np.int64)
 
 
 def compare_tasks(bundle: Bundle, fp32_path: Path, int8_path: Path, folders: dict[str, Path], *,
@@ -84,13 +98,7 @@ def compare_tasks(bundle: Bundle, fp32_path: Path, int8_path: Path, folders: dic
 def _task_features(bundle: Bundle, record: TaskRecord, folder: Path, fp32, int8, batch_size: int):
     """FP32 and INT8 features [N, D] and task labels [N] of a task's held-out images, each decoded once."""
     folders = scan_class_folders(folder)
-    # A class name may hold "/" (Fashion-MNIST's "T-shirt/top"), which no folder name can: "_" stands in.
-    by_folder = {name.replace("/", "_"): i for i, name in enumerate(record.class_names)}
-    unknown = sorted(set(folders.class_names) - set(by_folder))
-    if unknown:
-        raise DataError(f"{folder} has class folders task {record.name!r} does not know ({', '.join(unknown)}); "
-                        f"its classes: {', '.join(by_folder)}")
-    to_task = np.asarray([by_folder[c] for c in folders.class_names], np.int64)
+    to_task = _task_classes(record, folders)
     stream = BatchStream(folders.paths(), bundle.preprocess, batch_size)
     parts_fp32, parts_int8, positions = [], [], []
     for inputs, batch_positions in stream:

@@ -237,6 +237,7 @@ def _corrupt_only(root):
     ("corrupt", ["none of the 2 calibration image(s) could be read", "x/0.png"]),
     ("too few", ["has 80 images, fewer than --samples 500", "--samples 80"]),
     ("unknown eval task", ["tasks the bundle lacks (zzz)"]),
+    ("unknown eval class", ["class folders task 'a' does not know (yyy, zzz)"]),  # before quantizing, not after
 ])
 def test_bad_calibration_input_is_one_line_and_leaves_the_bundle_unchanged(made, bundle_dir, tmp_path, case, fixes):
     images, extra = made[1], []
@@ -247,6 +248,11 @@ def test_bad_calibration_input_is_one_line_and_leaves_the_bundle_unchanged(made,
         images = _corrupt_only(tmp_path / "corrupt")
     elif case == "unknown eval task":
         (tmp_path / "eval" / "zzz").mkdir(parents=True)
+        extra = ["--eval", tmp_path / "eval"]
+    elif case == "unknown eval class":
+        for name in ("yyy", "zzz"):
+            (tmp_path / "eval" / "a" / name).mkdir(parents=True)
+            shutil.copy(next(made[1].rglob("*.png")), tmp_path / "eval" / "a" / name / "0.png")
         extra = ["--eval", tmp_path / "eval"]
     samples = "500" if case == "too few" else "2"
     before = file_tree(bundle_dir)
