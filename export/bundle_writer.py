@@ -20,7 +20,8 @@ import torch
 
 from pah_edge.atomic import atomic_write_json, fsync_dir, umask_mode
 from pah_edge.workstation.backbones import canonical_backbone_name
-from pah_edge.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, Bundle, sha256_file, unique_task_names, utc_now
+from pah_edge.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, Bundle, folder_lock, sha256_file, unique_task_names,
+                             utc_now)
 from pah_edge.bundle_layout import GRAPH_SPECS, BundleLayout
 from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from pah_edge.workstation.config import RunConfig
@@ -327,13 +328,17 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
     """Rename ``tmp`` to ``out_dir``; an old bundle is renamed aside first and deleted only afterwards."""
     _check_destination(out_dir, force)  # again: another export may have finished meanwhile
     old = None
-    if out_dir.exists():
-        if BundleLayout(out_dir).manifest.is_file():
+    if out_dir.exists() and BundleLayout(out_dir).manifest.is_file():
+        # Under its lock: no learn-task is halfway through a change, and one waiting for the lock
+        # finds the bundle replaced instead of writing into the new one.
+        with folder_lock(BundleLayout(out_dir)):
             old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old)  # onto the empty placeholder directory
-        else:
+            os.replace(tmp, out_dir)
+    else:
+        if out_dir.exists():
             out_dir.rmdir()  # an empty directory
-    os.replace(tmp, out_dir)
+        os.replace(tmp, out_dir)
     fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old)

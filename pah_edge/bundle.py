@@ -284,40 +284,15 @@ class Bundle:
 
     @contextlib.contextmanager
     def lock(self, wait_s: float | None = LOCK_WAIT_S):
-        """Hold the bundle's exclusive lock (flock on ``<bundle>/.lock``) while changing its tasks.
+        """Hold the bundle's exclusive lock (`folder_lock`) while changing its tasks.
 
-        A busy lock is logged and awaited up to ``wait_s`` s (None: forever), then BundleError. Once
-        held, task files no registry entry names (a crash between a task's file and its entry leaves
-        one) and interrupted atomic writes are deleted, so whoever calls ``add_task`` on a bundle that
-        other processes use must hold this lock.
+        Once held, task files no registry entry names (a crash between a task's file and its entry
+        leaves one) and interrupted atomic writes are deleted, so whoever calls ``add_task`` on a bundle
+        that other processes use must hold this lock.
         """
-        import fcntl  # POSIX; imported here so that reading a bundle works everywhere
-
-        def acquired() -> bool:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            return True
-
-        try:
-            fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise BundleError(f"cannot create {self.layout.lock} ({exc.strerror}); make {self.path} "
-                              "writable") from None
-        try:
-            if not acquired():
-                log.info("waiting for another pah-edge process to finish with %s", self.path)
-                deadline = None if wait_s is None else time.monotonic() + wait_s
-                while not acquired():
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise BundleError(f"{self.path} is busy (another learn-task is running); "
-                                          "try again when it finishes")
-                    time.sleep(0.1)
+        with folder_lock(self.layout, wait_s):
             self._remove_orphans()
             yield self
-        finally:
-            os.close(fd)  # releases the flock
 
     # --- the task registry -------------------------------------------------------------------------
 
@@ -603,6 +578,46 @@ class Bundle:
     def _write_registry(self, records: list[TaskRecord]) -> None:
         atomic_write_json(self.layout.registry,
                           {"format_version": REGISTRY_FORMAT_VERSION, "tasks": [r.to_dict() for r in records]})
+
+
+@contextlib.contextmanager
+def folder_lock(layout: BundleLayout, wait_s: float | None = LOCK_WAIT_S):
+    """Hold the exclusive flock on ``<bundle>/.lock``. A busy lock is logged and awaited up to ``wait_s``
+    s (None: forever), then BundleError; so is a bundle replaced while waiting (`export --force`), whose
+    lock file is no longer the one at its path."""
+    import fcntl  # POSIX; imported here so that reading a bundle works everywhere
+
+    def acquired() -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    try:
+        fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise BundleError(f"cannot create {layout.lock} ({exc.strerror}); make {layout.root} writable") from None
+    try:
+        if not acquired():
+            log.info("waiting for another pah-edge process to finish with %s", layout.root)
+            deadline = None if wait_s is None else time.monotonic() + wait_s
+            while not acquired():
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise BundleError(f"{layout.root} is busy (another learn-task is running); "
+                                      "try again when it finishes")
+                time.sleep(0.1)
+        held = os.fstat(fd)
+        try:
+            current = os.stat(layout.lock)
+        except FileNotFoundError:
+            current = None
+        if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+            raise BundleError(f"{layout.root} was replaced (by `pah-edge export --force`?) while this command waited "
+                              "for it; run the command again")
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _files_of(records: list[TaskRecord]) -> set[str]:

@@ -142,3 +142,31 @@ def test_predicting_in_a_loop_while_the_cli_changes_the_tasks(bundle_dir, made, 
     assert not failures, failures
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert sum(1 for count in seen.values() if count) >= 2, seen  # the loop saw the registry change
+
+
+def test_a_command_waiting_for_a_bundle_that_export_force_replaces_does_not_write_into_the_new_one(bundle_dir):
+    import fcntl
+    import os
+
+    waiting = Bundle.open(bundle_dir)
+    holder = os.open(waiting.layout.lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process's learn-task, say
+    outcome = []
+
+    def change():
+        try:
+            with waiting.lock(wait_s=30):
+                waiting.rename_task("a", "renamed")
+                outcome.append("changed")
+        except BundleError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=change)
+    thread.start()
+    old = bundle_dir.with_name("old")
+    os.replace(bundle_dir, old)  # what export --force does, under the lock held above
+    shutil.copytree(old, bundle_dir, ignore=shutil.ignore_patterns(".lock"))
+    os.close(holder)
+    thread.join(timeout=30)
+    assert outcome and "was replaced" in outcome[0] and "run the command again" in outcome[0], outcome
+    assert [t.name for t in Bundle.open(bundle_dir).tasks()] == ["a", "b", "c"]
