@@ -140,9 +140,18 @@ def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, *, top: i
     # A tensor the INT8 graph does not materialise (a Conv output that feeds a Relu/Clip the ONNX
     # Runtime form folded away) carries the error of its producer's inputs, so the node reading it is
     # charged for both nodes' rounding, and ``via`` names the producer: that is the node to --exclude.
+    # So does a tensor that only a Relu/Clip reads in the TensorRT form: its Q/DQ has the activation's
+    # range (``narrow_clipped_ranges``), and what that range cuts off the activation cuts off anyway.
+    nodes = _nodes(fp32_path)
+    readers: dict[str, set[str]] = {}  # tensor -> the op types that read it
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    clipped_only = {name for name, ops in readers.items() if ops <= {"Relu", "Clip"}}
+    errors = {name: error for name, error in errors.items() if name not in clipped_only}
     carried: dict[str, tuple[float, str | None]] = {}  # tensor -> (error its readers inherit, hidden producer)
     rows = []
-    for node in _nodes(fp32_path):
+    for node in nodes:
         inputs = [carried.get(i, (0.0, None)) for i in node.input]
         inherited = max((error for error, _ in inputs), default=0.0)
         for output in node.output:

@@ -119,15 +119,17 @@ def test_unknown_excluded_node_is_named(made, tmp_path):
                             QuantizeOptions(exclude=("nope",)), tmp_path)
 
 
-def test_layer_report_charges_a_fused_convolution_to_the_activation_reading_it(made, tmp_path):
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_layer_report_charges_a_convolution_to_the_activation_reading_it(made, tmp_path, target):
     from pah_edge.calibration.evaluate import layer_errors
 
     bundle = Bundle.open(made[0])
     files = calibration_files(made[1], 40)
     out = tmp_path / "int8.onnx"
     # The ONNX Runtime form folds each Relu into the Q/DQ pair after its Conv: no Conv output to compare.
+    # The TensorRT form quantizes the Conv output with the Relu's range, cutting off what the Relu does.
     info = int8_onnx_from_fp32(bundle.graph_path("backbone"), out, ImageFolderReader(files, bundle.preprocess, samples=40),
-                               QuantizeOptions(target="onnxruntime", fp32_first=False), tmp_path)
+                               QuantizeOptions(target=target, fp32_first=False), tmp_path)
     images = next(iter(BatchStream(files[:8], bundle.preprocess, 8)))[0]
     rows = {r["node"]: r for r in layer_errors(info["prepared"], out, images, top=20)}
     for block in range(3):
