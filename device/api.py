@@ -174,7 +174,8 @@ class Device:
         # it, so it is predicted as it was learned. A started backbone is shared rather than loaded twice.
         own = "fp32" if self.precision == "auto" else self.precision
         precision = options.pop("precision", own)
-        shared = {"backbone": self.predictor.backbone} if self._started and precision == own else {}
+        same = precision == own and options.get("runtime", self.runtime) == self.runtime
+        shared = {"backbone": self.predictor.backbone} if self._started and same else {}
         return {"progress": False, "runtime": self.runtime, "precision": precision, **shared, **options}
 
     def tasks(self) -> list[TaskRecord]:

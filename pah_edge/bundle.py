@@ -496,6 +496,8 @@ class Bundle:
         """Rename a task in the registry; its file keeps its name (the registry maps names to files)."""
         validate_task_name(new)
         self.task(old)
+        if new == old:
+            return
         records = self.tasks()
         if any(r.name == new for r in records):
             raise BundleError(f"task {new!r} already exists in {self.path}; remove it first or choose another name")

@@ -51,7 +51,7 @@ def predict(
     novelty_threshold: Optional[float] = typer.Option(None, help="Novelty above which an image is unknown (default: the bundle's)."),
     runtime: str = RUNTIME_OPTION,
     precision: str = typer.Option("auto", help="Backbone: auto (each task on the one it was learned on), or fp32 / int8 for every task (a task learned on the other gets a warning)."),
-    batch_size: int = typer.Option(32, help="Images per backbone call."),
+    batch_size: int = typer.Option(32, help="Images per backbone call (files; frames of --video/--camera go one by one)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list of {path, task, label, confidence, novelty, known}."),
     video: Optional[Path] = typer.Option(None, help="Predict a video file's frames instead: one JSON line per frame (needs pah-edge[camera])."),
     camera: Optional[int] = typer.Option(None, help="Predict a camera's frames (OpenCV index, e.g. 0) until it stops or Ctrl-C: one JSON line per frame."),

@@ -84,6 +84,9 @@ def test_add_rename_remove_round_trip(bundle_dir):
     assert record.file == "tasks/new-task.npz" and record.bytes == (bundle_dir / record.file).stat().st_size
     np.testing.assert_array_equal(bundle.load_prototypes("new-task"), _protos(4))
 
+    registry = (bundle_dir / "tasks" / "registry.json").read_bytes()
+    bundle.rename_task("new-task", "new-task")  # to its own name: nothing to do, no "already exists"
+    assert (bundle_dir / "tasks" / "registry.json").read_bytes() == registry
     bundle.rename_task("new-task", "renamed")
     assert bundle.task("renamed").file == "tasks/new-task.npz"
     # The old name is free again, but its file name is not: the new task must not overwrite it.
