@@ -173,6 +173,7 @@ class Bundle:
         self.files: dict[str, str] = dict(manifest["files"])  # file name -> SHA-256
         self._registry_read: tuple[tuple[int, int, int], list[TaskRecord]] | None = None  # (stat key, records)
         self._shared_read: tuple[tuple[int, int, int], SharedStats] | None = None  # (stat key of the record, state)
+        self._opened = _file_id(self.layout.manifest)  # which bundle this is: its manifest is never rewritten
 
     # --- opening -----------------------------------------------------------------------------------
 
@@ -291,6 +292,11 @@ class Bundle:
         that other processes use must hold this lock.
         """
         with folder_lock(self.layout, wait_s):
+            # A bundle replaced since it was opened (`export --force`) is another model: what this
+            # process computed with the old one must not land in it.
+            if _file_id(self.layout.manifest) != self._opened:
+                raise BundleError(f"{self.path} was replaced (by `pah-edge export --force`?) after this command "
+                                  "opened it; run the command again (in Python: open it again)")
             self._remove_orphans()
             yield self
 
@@ -585,8 +591,7 @@ class Bundle:
 @contextlib.contextmanager
 def folder_lock(layout: BundleLayout, wait_s: float | None = LOCK_WAIT_S):
     """Hold the exclusive flock on ``<bundle>/.lock``. A busy lock is logged and awaited up to ``wait_s``
-    s (None: forever), then BundleError; so is a bundle replaced while waiting (`export --force`), whose
-    lock file is no longer the one at its path."""
+    s (None: forever), then BundleError."""
     import fcntl  # POSIX; imported here so that reading a bundle works everywhere
 
     def acquired() -> bool:
@@ -609,17 +614,18 @@ def folder_lock(layout: BundleLayout, wait_s: float | None = LOCK_WAIT_S):
                     raise BundleError(f"{layout.root} is busy (another learn-task is running); "
                                       "try again when it finishes")
                 time.sleep(0.1)
-        held = os.fstat(fd)
-        try:
-            current = os.stat(layout.lock)
-        except FileNotFoundError:
-            current = None
-        if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
-            raise BundleError(f"{layout.root} was replaced (by `pah-edge export --force`?) while this command waited "
-                              "for it; run the command again")
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``; None when it is missing."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _files_of(records: list[TaskRecord]) -> set[str]:

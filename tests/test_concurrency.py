@@ -168,5 +168,6 @@ def test_a_command_waiting_for_a_bundle_that_export_force_replaces_does_not_writ
     shutil.copytree(old, bundle_dir, ignore=shutil.ignore_patterns(".lock"))
     os.close(holder)
     thread.join(timeout=30)
+    # Whether it opened the old lock file or the new bundle's, it opened the old bundle: it stops.
     assert outcome and "was replaced" in outcome[0] and "run the command again" in outcome[0], outcome
     assert [t.name for t in Bundle.open(bundle_dir).tasks()] == ["a", "b", "c"]
