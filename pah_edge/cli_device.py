@@ -53,7 +53,7 @@ def predict(
     precision: str = typer.Option("auto", help="Backbone: auto (each task on the one it was learned on), or fp32 / int8 for every task (a task learned on the other gets a warning)."),
     batch_size: int = typer.Option(32, help="Images per backbone call (files; frames of --video/--camera go one by one)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list of {path, task, label, confidence, novelty, known}."),
-    video: Optional[Path] = typer.Option(None, help="Predict a video file's frames instead: one JSON line per frame (needs pah-edge[camera])."),
+    video: Optional[Path] = typer.Option(None, help="Predict a video file's frames instead: one JSON line per frame (needs pah-edge\\[camera])."),
     camera: Optional[int] = typer.Option(None, help="Predict a camera's frames (OpenCV index, e.g. 0) until it stops or Ctrl-C: one JSON line per frame."),
     every: int = typer.Option(1, help="--video/--camera: predict every N-th frame only."),
     max_frames: Optional[int] = typer.Option(None, help="--video/--camera: stop after this many predicted frames."),

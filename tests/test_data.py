@@ -288,6 +288,11 @@ def test_bad_idx_files_are_data_errors(tmp_path):
         f.write(struct.pack(">II", 0x0801, 60) + b"\x00" * 10)
     with pytest.raises(DataError, match="truncated"):
         load_benchmark("split-fashion-mnist", preprocess=PRE, data_dir=folder)
+    data = bytearray(gzip.compress(np.random.default_rng(0).integers(0, 4, 20000, dtype=np.uint8).tobytes()))
+    data[200:260] = b"\xff" * 60  # corrupt compressed data: zlib.error, neither OSError nor EOFError
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="cannot read .* re-download it"):
+        load_benchmark("split-fashion-mnist", preprocess=PRE, data_dir=folder)
 
 
 def test_cifar100_from_tar_gz_and_from_the_extracted_folder(tmp_path):

@@ -53,6 +53,31 @@ def test_existing_run_is_not_overwritten_without_resume(two_tasks, tmp_path):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_a_finished_run_resumed_writes_its_outputs_again(two_tasks, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", str(two_tasks), *TINY, "--epochs", "1", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    metrics = (out / "metrics.json").read_bytes()
+    for name in ("metrics.json", "accuracy_matrix.png"):  # a crash after the last checkpoint, say
+        (out / name).unlink()
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (out / "metrics.json").read_bytes() == metrics and (out / "accuracy_matrix.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (["--lr", "-1"], "--lr must be above 0"),
+    (["--backbone-lr", "nan"], "--backbone-lr at least 0"),
+    (["--device", "gpu"], "unknown device 'gpu': choose auto, cpu, cuda or cuda:N"),
+    (["--generator", "task-mlp"], "built for 3 classes per task, got a task with 7"),  # before any training
+])
+def test_impossible_training_options_are_one_line_errors(two_tasks, tmp_path, options, words):
+    result = CliRunner().invoke(app, ["train", str(two_tasks), *TINY, "--epochs", "1", "--out", str(tmp_path / "r"),
+                                      *options])
+    assert result.exit_code == 1 and words in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
 def _digit_tasks(tmp_path, mnist_digits):
     layout = {f"t{i}": [2 * i, 2 * i + 1] for i in range(3)}
     return write_image_folder(tmp_path / "digits", mnist_digits, layout, per_class=150)

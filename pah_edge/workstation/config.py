@@ -6,7 +6,9 @@ The resolved configuration is saved as ``config.json`` next to every run, with l
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass
 
 from pah_edge.errors import ConfigError
@@ -26,7 +28,9 @@ class DataConfig:
     data_dir: str | None = option(None, "Where the benchmark's files are (default: its standard place).")
     num_tasks: int | None = option(None, "Number of tasks (benchmarks).", "--tasks")
     classes_per_task: int | None = option(None, "Classes per task (benchmarks).")
-    limit_per_class: int | None = option(None, "Use at most N images per class and split (quick runs).")
+    limit_per_class: int | None = option(None, "Use at most N images per class (quick runs): for a folder in all, "
+                                                "before the split; for a benchmark in its training pool and its "
+                                                "test set each.")
     val_fraction: float = 0.1
     download: bool = option(False, "Download the benchmark's archive if it is missing.", "--download")
 
@@ -106,6 +110,11 @@ def resolve(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if m.prototype_channels not in (1, 3):
         raise ConfigError(f"prototype channels must be 1 or 3, got {m.prototype_channels}")
+    if not (math.isfinite(t.lr) and t.lr > 0) or not (math.isfinite(t.backbone_lr) and t.backbone_lr >= 0):
+        raise ConfigError(f"--lr must be above 0 and --backbone-lr at least 0 (0 freezes the backbone), got "
+                          f"{t.lr} and {t.backbone_lr}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"unknown device {t.device!r}: choose auto, cpu, cuda or cuda:N")
     if t.method == "finetune":
         t = dataclasses.replace(t, stability=0.0, proto_distill_weight=0.0)
     elif t.method == "lwf":

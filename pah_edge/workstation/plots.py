@@ -22,7 +22,8 @@ def plot_accuracy_matrix(acc: list[list[float]], task_names: list[str], path: Pa
             ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8,
                     color="white" if value < 60 else "black")
     ax.set_xticks(range(n_cols), task_names[:n_cols], rotation=45, ha="right")
-    ax.set_yticks(range(n_rows), [f"after {name}" for name in task_names[:n_rows]])
+    # A row holds the tasks trained so far: "after" its last (all of them at once for joint training).
+    ax.set_yticks(range(n_rows), [f"after {task_names[len(row) - 1]}" for row in acc])
     ax.set_xlabel("tested on")
     ax.set_title("test accuracy (%)")
     fig.colorbar(image, ax=ax, fraction=0.046)

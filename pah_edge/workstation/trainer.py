@@ -116,6 +116,8 @@ def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, o
         frozen = _frozen_backbone(cfg)
         cache = _FeatureCache(tasks, model.backbone, normalize, out_dir) if frozen and cfg.train.cache_features else None
         phases = [list(range(len(tasks)))] if cfg.train.method == "joint" else [[t] for t in range(len(tasks))]
+        for task in tasks:  # a generator built for one class count refuses the others before any training
+            state.model.generator.param_shape(task.num_classes)
 
         def accuracy(task: int, split: str) -> float:
             features = cache.features(task, split) if cache else None
@@ -141,6 +143,8 @@ def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, o
                     _save_run(out_dir, cfg, tasks, preprocess, state)
                     _log_phase(phase, tasks, state, time.perf_counter() - started)
                 dist.barrier()
+        if dist.is_main and len(state.acc_matrix) >= len(phases):  # a finished run resumed: its outputs again
+            _write_outputs(out_dir, cfg, tasks, state)
         return _metrics(cfg, tasks, state)
     finally:
         dist.shutdown()
@@ -422,6 +426,12 @@ def _save_run(out_dir: Path, cfg: RunConfig, tasks: list[Task], preprocess: Prep
         "versions": library_versions(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     })
+    _write_outputs(out_dir, cfg, tasks, state)
+
+
+def _write_outputs(out_dir: Path, cfg: RunConfig, tasks: list[Task], state: RunState) -> None:
+    """metrics.json and the plots of the state the checkpoint holds."""
+    model = state.model
     atomic_write_json(out_dir / "metrics.json", _metrics(cfg, tasks, state))
     names = [t.name for t in tasks]
     plot_accuracy_matrix(state.acc_matrix, names, out_dir / "accuracy_matrix.png")

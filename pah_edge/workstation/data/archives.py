@@ -25,7 +25,7 @@ def read_idx(path: Path, *, ndim: int) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: corrupt compressed data
         raise DataError(f"cannot read {path} ({e}): re-download it") from e
     header = 4 + 4 * ndim
     if len(data) < header or struct.unpack(">I", data[:4])[0] != _IDX_UINT8 + ndim:
