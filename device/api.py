@@ -165,7 +165,8 @@ class Device:
     def learn_task_arrays(self, images: Sequence[np.ndarray], labels: Sequence, *, name: str, bgr: bool = False,
                           replace: bool = False, **options) -> LearnReport:
         """Learn a new task from frames (as `predict` takes them) and one label each: class names (str)
-        or numbers (int). The same images give the same task as `learn_task` on a folder of them."""
+        or numbers (int). The same images give the same task as `learn_task` on a folder of them as PNG
+        or BMP files (JPEG files are decoded at reduced scale)."""
         return learn_task_arrays(self.bundle, images, labels, name=name, bgr=bgr, replace=replace,
                                  **self._learn_options(options))
 

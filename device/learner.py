@@ -266,7 +266,8 @@ def learn_task_arrays(bundle: Bundle, images: Sequence[np.ndarray], labels: Sequ
     """Learn a task from in-memory frames with one label each (see `NewTask.from_arrays`); returns the report.
 
     The same images in the same order within each class give the same task as `learn_task` on a
-    folder holding them as files. ``options``: see `learn`.
+    folder holding them as PNG or BMP files (a JPEG file is decoded at reduced scale: ``load_image``).
+    ``options``: see `learn`.
     """
     return learn(bundle, lambda: NewTask.from_arrays(images, labels, bgr=bgr), name=name, **options)
 

@@ -70,8 +70,9 @@ def install_task_free(bundle: Bundle, tasks: list[TaskFeatures], *, unknown_rate
     _check_none_depends_on_the_old_state(bundle, {t.name for t in tasks})
     held_out = np.concatenate([t.held_out for t in tasks])
     if not len(held_out):
-        raise DataError("no image is left to set the novelty threshold on: give at least 2 images in some class "
-                        "(20 % of a class's images, at least one when it has 2, are held out for it)")
+        raise DataError("no image is left to set the novelty threshold on: give at least 3 images in some class "
+                        "(20 % of a class's images, at least one when it has 2, are held out for it; 2 more show "
+                        "how the class varies)")
     classes = [len(bundle.task(t.name).class_names) for t in tasks]
     shared, stats = workstation_stats([(t.fit, t.labels, c) for t, c in zip(tasks, classes)])
     if not np.trace(shared.scatter) > 0:  # every class fitted on one image: no covariance to invert

@@ -186,7 +186,7 @@ def test_task_stats_for_some_tasks_refuses_to_drop_the_scatter_of_the_others(bun
 
 
 @pytest.mark.parametrize(("per_class", "words"), [
-    (1, ["no image is left to set the novelty threshold on", "at least 2 images"]),
+    (1, ["no image is left to set the novelty threshold on", "at least 3 images"]),
     (2, ["no variation within a class", "at least 3 images"]),  # one held out of each two, one left to fit
 ])
 def test_task_stats_on_too_few_images_is_a_one_line_error(bundle_dir, made, tmp_path, per_class, words):

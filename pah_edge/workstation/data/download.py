@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import tempfile
 import urllib.request
 from pathlib import Path
 
+from pah_edge.atomic import fsync_dir
 from pah_edge.errors import DataError
 
 log = logging.getLogger("pah_edge")
@@ -42,12 +44,15 @@ def fetch(url: str, dest: Path, md5: str) -> None:
                 if total and done >= next_report * total:
                     log.info("%s: %d%% of %.1f MB", dest.name, 100 * done // total, total / 1e6)
                     next_report += 0.1
+            out.flush()
+            os.fsync(out.fileno())  # on disk before its final name: a power loss leaves no short archive there
         if digest.hexdigest() != md5:
             raise DataError(
                 f"download of {url} is corrupt (MD5 mismatch): run again, or download it by hand into {dest.parent}"
             )
         os.replace(tmp, dest)
-    except OSError as e:  # includes URLError and timeouts
+        fsync_dir(dest.parent)
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, a connection cut mid-body
         raise DataError(
             f"cannot download {url} ({e}): check the network, or download it by hand into {dest.parent}"
         ) from e
