@@ -284,6 +284,16 @@ def test_too_few_statistics_images_are_refused_before_the_export(runs, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_with_options_this_version_does_not_know_is_a_one_line_error(runs, tmp_path):
+    state = load_checkpoint(runs["classwise"] / "checkpoint.pt")
+    state["config"]["train"]["option_from_a_newer_version"] = 1
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", {k: v for k, v in state.items() if k != "format_version"})
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1, result.output
+    assert "saved options do not fit this pah-edge" in " ".join(result.output.split())
+
+
 def test_a_file_that_is_no_checkpoint_is_a_one_line_error(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "checkpoint.pt")
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--out",

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from pah_edge.errors import ConfigError
+from pah_edge.errors import CheckpointError, ConfigError
 from pah_edge.generators import generator_kind, generators_help
 from pah_edge.options import option
 
@@ -91,7 +91,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]))
+        """A run's saved options; CheckpointError for options this pah-edge does not know (a newer one's)."""
+        try:
+            return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]))
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"the run's saved options do not fit this pah-edge ({exc}); use the pah-edge "
+                                  "version that wrote it") from None
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
