@@ -13,6 +13,7 @@ written: zero forgetting by construction. Nothing here imports torch.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
@@ -414,9 +415,10 @@ def _starts_from_features(bundle: Bundle) -> bool:
 def _check_options(*, val_fraction: float, max_steps: int, lr: float, weight: float, patience: int) -> None:
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction is a fraction in [0, 1), got {val_fraction!r}")
-    if max_steps < 1 or patience < 1:
-        raise ConfigError(f"max_steps and patience must be >= 1, got {max_steps} and {patience}")
-    if not lr > 0:
-        raise ConfigError(f"lr must be positive, got {lr!r}")
-    if not weight >= 0:
-        raise ConfigError(f"weight must be 0 or more, got {weight!r}")
+    whole = all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (max_steps, patience))
+    if not whole or max_steps < 1 or patience < 1:
+        raise ConfigError(f"max_steps and patience must be whole numbers >= 1, got {max_steps!r} and {patience!r}")
+    if not 0 < lr < math.inf:
+        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+    if not 0 <= weight < math.inf:
+        raise ConfigError(f"weight must be a finite number, 0 or more, got {weight!r}")

@@ -123,7 +123,9 @@ def fit_prototypes(objective: PrototypeObjective, init: np.ndarray, features: np
             ce = objective(params, features[monitored], labels[monitored])[0]
         total = ce + pull / 2 * float(np.sum((u - u0) ** 2))
         if step == 0:
-            initial = reference = ce
+            # Progress is judged on the total: a warm start begins away from u0, so its total exceeds
+            # its cross-entropy, and a reference of the latter would make every step look like none.
+            initial, reference = ce, total
         if total < best_total:
             best, best_total, best_ce = params, total, ce
         # Patience counts steps since the last real progress, so a slow crawl still stops.

@@ -30,8 +30,9 @@ def gpu_name() -> str | None:
     # Asked of the driver's tools, not of CUDA: creating a CUDA context here would cost GPU memory.
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=10).stdout.strip()
+            done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                  text=True, timeout=10)
+            out = done.stdout.strip() if done.returncode == 0 else ""  # else its stdout is an error message
         except (OSError, subprocess.SubprocessError):
             out = ""
         if out:

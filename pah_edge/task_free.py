@@ -177,6 +177,8 @@ class TaskFreeRule:
         nearest = scores if task is None else scores[:, self.task_of == task]
         # min_k Mahalanobis^2 = z'Pz - 2 max_k (mu_k'Pz - mu_k'P mu_k / 2); divided by D for a per-axis scale.
         novelty = (np.einsum("nd,nd->n", product[:, :dim], z) - 2 * nearest.max(axis=1)) / dim
+        # A distance: float32 rounding in the difference must not make an image on a class mean "negative".
+        novelty = np.maximum(novelty, 0)
         return scores, novelty
 
 

@@ -224,6 +224,20 @@ def test_learn_task_arrays_with_numbers_bgr_and_then_predict(bundle_dir, mnist_d
         assert [t.name for t in dev.tasks()] == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize(("option", "words"), [
+    ({"weight": float("inf")}, "weight must be a finite number"),
+    ({"lr": float("inf")}, "lr must be a positive finite number"),
+    ({"max_steps": 50.0}, "whole numbers >= 1, got 50.0"),
+])
+def test_learning_options_out_of_range_are_config_errors(bundle_dir, option, words):
+    from pah_edge.errors import ConfigError
+
+    frames = [np.full((28, 28), v, np.uint8) for v in (0, 10, 200, 210)]
+    with pytest.raises(ConfigError, match=words):
+        Device(bundle_dir, **CPU).learn_task_arrays(frames, ["x", "x", "y", "y"], name="bad", **option)
+    assert [t.name for t in Bundle.open(bundle_dir).tasks()] == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize("images, labels, error, words", [
     ([np.zeros((28, 28), np.uint8)] * 3, ["x", "y"], DataError, ["3 images but 2 labels"]),
     ([np.zeros((28, 28), np.uint8)] * 2, ["x", "x"], DataError, ["1 class(es)", "at least 2"]),

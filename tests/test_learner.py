@@ -258,6 +258,21 @@ def _digit_features(bundle: Bundle, new_task: Path):
         return backbone.infer({"images": inputs})["features"], labels
 
 
+def test_a_warm_started_fit_runs_until_its_regularised_objective_stops_improving():
+    # A quadratic stands in for the cross-entropy: its minimum 1.5 is where the warm start sits, and the
+    # pull towards the start 0.5 moves the optimum of the total to 7/6. Judged on the cross-entropy of
+    # the warm start (0) instead of its total, no step looked like progress: it stopped after
+    # `patience` steps and called that converged.
+    def quadratic(prototypes, features, labels):
+        return float(np.sum((prototypes - 1.5) ** 2)), 2 * (prototypes - 1.5)
+
+    start = np.full((2, 1, 2, 2), 0.5, np.float32)
+    result = fit_prototypes(quadratic, start, np.zeros((4, 1), np.float32), np.zeros(4, np.int64), max_steps=2000,
+                            lr=0.05, weight=1.0, patience=10, seed=0, warm=np.full_like(start, 1.5))
+    assert result.steps > 10 and result.converged
+    np.testing.assert_allclose(result.prototypes, 7 / 6, atol=0.02)
+
+
 def test_the_pull_to_the_start_bounds_how_far_the_fit_moves(exported, new_task):
     bundle = Bundle.open(exported)
     features, labels = _digit_features(bundle, new_task)
