@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,13 @@ def test_tensorrt_matches_onnxruntime(tiny_onnx, tmp_path, precision, atol, rtol
             assert trt_runner.last_gpu_ms > 0 and trt_runner.last_infer_ms >= trt_runner.last_gpu_ms
         with pytest.raises(RuntimeInputError, match="outside the engine's profile"):
             trt_runner.infer({"images": _images(9)})
+
+
+def test_a_failing_nvidia_smi_names_no_gpu(tmp_path, monkeypatch):
+    from pah_edge.machine import gpu_name
+
+    fake = tmp_path / "nvidia-smi"  # as on a machine whose driver is not loaded: the error goes to stdout
+    fake.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the driver\"\nexit 9\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert "failed" not in (gpu_name() or "")
