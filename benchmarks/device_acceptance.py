@@ -33,7 +33,8 @@ from pah_edge.device.bench import BenchConfig, run_bench
 from pah_edge.device.bench_inputs import DEFAULT_CLASSES, prepare_inputs
 from pah_edge.device.learner import learn_task
 from pah_edge.device.predict import Predictor, image_files
-from pah_edge.device.runtimes import sidecar_path, tensorrt_problem
+from pah_edge.bundle_layout import engine_record
+from pah_edge.device.runtimes import tensorrt_problem
 from pah_edge.errors import PahEdgeError
 from pah_edge.export.tensorrt_build import build_engines
 from pah_edge.export.verify import verify_bundle
@@ -123,7 +124,7 @@ def _verify(bundle_dir: Path, runtime: str) -> dict:
 def _build(bundle_dir: Path, precision: str) -> dict:
     """`pah-edge build-engine --precision P`; the detail is the engine's build record."""
     (engine,) = build_engines(bundle_dir, precision=precision)
-    return json.loads(sidecar_path(engine).read_text())
+    return json.loads(engine_record(engine).read_text())
 
 
 def _build_int8(bundle_dir: Path, images: Path | None) -> dict:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from pah_edge.atomic import atomic_write_bytes, atomic_write_json
 from pah_edge.bundle import Bundle
-from pah_edge.bundle_layout import ENGINE_PRECISIONS, TIMING_CACHE_NAME, BundleLayout
-from pah_edge.device.runtimes.tensorrt import gpu_identity, load_tensorrt, sidecar_path
+from pah_edge.bundle_layout import ENGINE_PRECISIONS, TIMING_CACHE_NAME, BundleLayout, engine_record
+from pah_edge.device.runtimes.tensorrt import gpu_identity, load_tensorrt
 from pah_edge.errors import PahEdgeError
 
 DEFAULT_PRECISION = "fp16"
@@ -165,9 +165,9 @@ def engine_from_onnx(
     }
     # Drop the old record first: a crash between the two writes then leaves an engine without a
     # record (the runner refuses it) rather than a new engine described by the old record.
-    sidecar_path(engine_path).unlink(missing_ok=True)
+    engine_record(engine_path).unlink(missing_ok=True)
     atomic_write_bytes(engine_path, bytes(serialized))
-    atomic_write_json(sidecar_path(engine_path), record)
+    atomic_write_json(engine_record(engine_path), record)
     atomic_write_bytes(timing_cache, bytes(cache.serialize()))
     return record
 

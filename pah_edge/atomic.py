@@ -38,6 +38,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     was and no temporary file, and raises StorageError naming the fix.
     """
     path = Path(path)
+    tmp = staged(path, data)
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise storage_error(exc, path) from None
+        raise
+
+
+def staged(path: Path, data: bytes) -> Path:
+    """``data`` written and fsynced to a temporary file beside ``path``, which is untouched; the caller
+    renames it into place (or deletes it). A failed write leaves no file and raises StorageError."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,8 +61,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        return Path(tmp)
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -57,9 +70,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def json_bytes(obj) -> bytes:
+    """``obj`` as the indented JSON every record is written in."""
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 # Faults of the storage, not of pah-edge: errno -> the fix.

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from pah_edge.atomic import atomic_write_bytes, atomic_write_json, is_temporary
+from pah_edge.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, is_temporary, json_bytes, staged
 from pah_edge.bundle_layout import (CALIBRATION_NAME, INT8_BACKBONE_NAME, MANIFEST_NAME, REGISTRY_PATH, TASKS_DIR,
                                     BundleLayout)
 from pah_edge.errors import PahEdgeError, StorageError
@@ -258,13 +258,28 @@ class Bundle:
 
     def install_int8(self, model: Path, record: dict[str, Any]) -> None:
         """Install the INT8 backbone ``model`` (copied) with its calibration ``record``, which must hold
-        ``passed`` and the model's ``sha256``. The old record goes first, then the model, the new
-        record and a stale rejection report: a crash in between leaves a model without its record,
-        which nothing runs. Hold :meth:`lock` on a bundle others use."""
-        self.layout.calibration_record.unlink(missing_ok=True)
-        atomic_write_bytes(self.layout.int8_backbone, Path(model).read_bytes())
-        atomic_write_json(self.layout.calibration_record, record)
-        self._unlink_quietly(self.layout.calibration_rejected)
+        ``passed`` and the model's ``sha256``. Hold :meth:`lock` on a bundle others use.
+
+        Both files are written aside first, so a full disk fails with the bundle as it was. Then the
+        old record goes, and the model and the new record take their names: a crash between those
+        renames leaves a model without its record, which nothing runs. Last go a stale rejection
+        report and the INT8 engines built from the old model."""
+        layout = self.layout
+        written: list[Path] = []
+        try:
+            for path, data in ((layout.int8_backbone, Path(model).read_bytes()),
+                               (layout.calibration_record, json_bytes(record))):
+                written.append(staged(path, data))
+        except BaseException:
+            for tmp in written:
+                tmp.unlink(missing_ok=True)
+            raise
+        layout.calibration_record.unlink(missing_ok=True)
+        os.replace(written[0], layout.int8_backbone)
+        os.replace(written[1], layout.calibration_record)
+        fsync_dir(self.path)
+        for stale in (layout.calibration_rejected, *layout.engine_files("int8")):
+            self._unlink_quietly(stale)
 
     def reject_int8(self, record: dict[str, Any]) -> None:
         """Keep the report of a calibration that failed its --max-drop; an installed INT8 model stays."""

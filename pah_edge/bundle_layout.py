@@ -93,6 +93,11 @@ def engine_graph_and_precision(engine: str | Path) -> tuple[str, str]:
     return graph, precision
 
 
+def engine_record(engine: str | Path) -> Path:
+    """``backbone.fp16.engine`` -> ``backbone.fp16.engine.json``: the engine's build record."""
+    return Path(f"{engine}.json")
+
+
 def _path(relative: str, doc: str) -> property:
     """A property: ``relative`` below the layout's root."""
     return property(lambda layout: layout.root / relative, doc=doc)
@@ -137,6 +142,11 @@ class BundleLayout:
     def task_free_states(self) -> list[Path]:
         """Every shared task-free state file present, the current one and any a crash left."""
         return sorted(self.root.glob("task_free.*.npz"))
+
+    def engine_files(self, precision: str, graph: str = "backbone") -> tuple[Path, Path]:
+        """The engine of ``precision`` and its build record, built or not."""
+        engine = self.engine(precision, graph)
+        return engine, engine_record(engine)
 
     def built_engines(self) -> list[Path]:
         """The engine files in ``engines/``, sorted by name."""

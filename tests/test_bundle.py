@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli_process
 from tiny_bundle import export_tiny_run
 
-from pah_edge.bundle import Bundle, BundleError, validate_task_name
+from pah_edge.bundle import Bundle, BundleError, sha256_file, validate_task_name
 from pah_edge.task_free import TaskStats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,6 +222,34 @@ def test_a_registry_entry_of_the_wrong_type_is_a_one_line_error(bundle_dir, fiel
     registry.write_text(json.dumps(data))
     with pytest.raises(BundleError, match=f"malformed .*wrong type of {field}"):
         Bundle.open(bundle_dir).tasks()
+
+
+def test_an_int8_install_that_cannot_write_leaves_the_installed_one_and_a_new_one_drops_stale_engines(
+        bundle_dir, monkeypatch):
+    from conftest import file_tree
+
+    from pah_edge import bundle as bundle_module
+    from pah_edge.errors import StorageError
+
+    bundle = Bundle.open(bundle_dir)
+    backbone = bundle.graph_path("backbone")  # stands in for calibrate's INT8 model
+    bundle.install_int8(backbone, {"passed": True, "sha256": sha256_file(backbone)})
+    for stale in bundle.layout.engine_files("int8"):  # built by build-engine from that model
+        stale.parent.mkdir(exist_ok=True)
+        stale.write_bytes(b"engine of the first INT8 model")
+    before = file_tree(bundle_dir)
+
+    def full_disk(path, data):
+        raise StorageError(f"could not write {path} (No space left on device)")
+
+    monkeypatch.setattr(bundle_module, "staged", full_disk)
+    with pytest.raises(StorageError):
+        bundle.install_int8(backbone, {"passed": True, "sha256": sha256_file(backbone), "second": True})
+    monkeypatch.undo()
+    assert file_tree(bundle_dir) == before and bundle.int8_backbone_path() is not None
+    bundle.install_int8(backbone, {"passed": True, "sha256": sha256_file(backbone), "second": True})
+    assert not [f for f in bundle.layout.engine_files("int8") if f.exists()]
+    assert json.loads(bundle.layout.calibration_record.read_text())["second"]
 
 
 def test_the_device_side_modules_do_not_import_torch():

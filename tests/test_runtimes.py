@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pah_edge.bundle_layout import engine_record
 from pah_edge.device.runtimes import (
     EngineMismatchError,
     RuntimeInputError,
@@ -20,7 +21,6 @@ from pah_edge.device.runtimes import (
     create_runner,
     engine_compatibility_problem,
     pick_runtime,
-    sidecar_path,
 )
 from pah_edge.device.runtimes.onnxruntime import OnnxRuntimeRunner
 from pah_edge.device.runtimes.tensorrt import TensorRTRunner, tensorrt_problem
@@ -214,7 +214,7 @@ def test_tensorrt_runner_refuses_engine_without_build_record(tmp_path):
 def test_tensorrt_runner_without_tensorrt_names_the_install(tmp_path):
     engine = tmp_path / "backbone.fp16.engine"
     engine.write_bytes(b"plan")
-    sidecar_path(engine).write_text(json.dumps(ORIN))
+    engine_record(engine).write_text(json.dumps(ORIN))
     runner = create_runner("tensorrt", engine)
     with pytest.raises(RuntimeUnavailable) as info:
         runner.activate()

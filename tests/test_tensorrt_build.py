@@ -11,7 +11,8 @@ onnx = pytest.importorskip("onnx", reason="writing the test model needs onnx (pi
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from pah_edge.device.runtimes import RuntimeUnavailable  # noqa: E402
-from pah_edge.device.runtimes.tensorrt import sidecar_path, tensorrt_problem  # noqa: E402
+from pah_edge.bundle_layout import engine_record  # noqa: E402
+from pah_edge.device.runtimes.tensorrt import tensorrt_problem  # noqa: E402
 from pah_edge.export.tensorrt_build import TensorRTBuildError, build_engines  # noqa: E402
 
 TENSORRT_USABLE = tensorrt_problem() is None
@@ -85,7 +86,7 @@ def test_builds_fp32_and_fp16_engines_with_build_records(bundle):
         (engine,) = build_engines(bundle, precision=precision, batches=(1, 2, 4), workspace_mb=256)
         assert engine == bundle / "engines" / f"backbone.{precision}.engine"
         assert engine.stat().st_size > 0
-        record = json.loads(sidecar_path(engine).read_text())
+        record = json.loads(engine_record(engine).read_text())
         assert record["tensorrt_version"] == trt.__version__
         assert record["precision"] == precision
         assert record["profile"] == {"input": "images", "min": [1, 3, 4, 4], "opt": [2, 3, 4, 4], "max": [4, 3, 4, 4]}

@@ -20,7 +20,7 @@ from pah_edge.device.runtimes.base import (
     check_feeds,
     format_spec,
 )
-from pah_edge.device.runtimes.tensorrt import engine_compatibility_problem, sidecar_path, tensorrt_problem
+from pah_edge.device.runtimes.tensorrt import engine_compatibility_problem, tensorrt_problem
 from pah_edge.errors import PahEdgeError
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "reference_runners",
     "register_reference",
     "register_runner",
-    "sidecar_path",
 ]
 
 # "onnxruntime" lets the session pick the best provider; the suffixed kinds pin one.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pah_edge.bundle_layout import BundleLayout, engine_graph_and_precision
+from pah_edge.bundle_layout import BundleLayout, engine_graph_and_precision, engine_record
 from pah_edge.device.runtimes.base import EngineMismatchError, Runner, RuntimeInputError, RuntimeUnavailable, Spec
 from pah_edge.errors import PahEdgeError
 
@@ -68,9 +68,6 @@ def gpu_identity(cuda) -> tuple[str, str]:
     return device.name(), f"{major}.{minor}"
 
 
-def sidecar_path(engine_path) -> Path:
-    """``backbone.fp16.engine`` -> ``backbone.fp16.engine.json``."""
-    return Path(f"{engine_path}.json")
 
 
 def build_command(engine_path, precision: str | None = None) -> str:
@@ -127,7 +124,7 @@ class TensorRTRunner(Runner):
         if not self.engine_path.is_file():
             command = build_command(self.engine_path)
             raise PahEdgeError(f"no TensorRT engine at {self.engine_path}: build it with {command}")
-        record = sidecar_path(self.engine_path)
+        record = engine_record(self.engine_path)
         self.sidecar: dict | None = json.loads(record.read_text()) if record.is_file() else None
         self.check_sidecar = check_sidecar
         if check_sidecar and self.sidecar is None:
