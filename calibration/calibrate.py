@@ -159,7 +159,7 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
             made = int8_onnx_from_fp32(fp32_path, int8_path, reader, options, work)
         warn_skipped(reader.skipped, len(files))
         measured = _compare(bundle, int8_path, made["prepared"], files, eval_folders, new_task, work,
-                            latency_runs=latency_runs, threads=threads)
+                            latency_runs=latency_runs, threads=threads, excluded=made["excluded"])
         # Rounded: 0.9 - 0.89 is 1.0000000000000009 points in floating point, and must pass --max-drop 1.
         drops = [round(100 * (t["fp32_accuracy"] - t["int8_accuracy"]), 6) for t in measured["tasks"] if t["evaluated"]]
         record = CalibrationReport(
@@ -187,15 +187,17 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
 
 
 def _compare(bundle: Bundle, int8_path: Path, prepared: Path, files: list[Path], eval_folders: dict[str, Path],
-             new_task: str | Path | None, work: Path, *, latency_runs: int, threads: int | None) -> dict:
-    """The report's measurements: tasks, new_task, layers, size_mb, latency_ms (and its threads), speedup
-    (per batch, the median over the timed rounds of FP32 / INT8, the two taking turns call by call)."""
+             new_task: str | Path | None, work: Path, *, latency_runs: int, threads: int | None,
+             excluded: list[str]) -> dict:
+    """The report's measurements: tasks, new_task, layers (the nodes not already ``excluded``), size_mb,
+    latency_ms (and its threads), speedup (per batch, the median over the timed rounds of FP32 / INT8,
+    the two taking turns call by call)."""
     fp32_path = bundle.graph_path("backbone")
     log.info("comparing INT8 with FP32 (%s)", ", ".join(eval_folders) or "no --eval tasks")
     tasks = compare_tasks(bundle, fp32_path, int8_path, eval_folders)
     new = _new_task_accuracy(bundle, new_task, int8_path, work) if new_task is not None else None
     first_images = next(iter(BatchStream(files, bundle.preprocess, LAYER_IMAGES)))[0]
-    layers = layer_errors(prepared, int8_path, first_images)
+    layers = layer_errors(prepared, int8_path, first_images, excluded=set(excluded))
     log.info("timing FP32 and INT8 on ONNX Runtime CPU, batch %s", " and ".join(map(str, LATENCY_BATCHES)))
     latency, speedup = {"fp32": {}, "int8": {}}, {}
     for b in LATENCY_BATCHES:

@@ -112,8 +112,11 @@ def _task_features(bundle: Bundle, record: TaskRecord, folder: Path, fp32, int8,
     return np.concatenate(parts_fp32), np.concatenate(parts_int8), to_task[folder_labels]
 
 
-def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, *, top: int = TOP_LAYERS) -> list[dict]:
-    """The ``top`` nodes that add the most INT8 error, measured on ``images``.
+def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, *, top: int = TOP_LAYERS,
+                 excluded: set[str] = frozenset()) -> list[dict]:
+    """The ``top`` nodes that add the most INT8 error, measured on ``images``, leaving out the nodes
+    already ``excluded`` from INT8 (their output is still rounded for its INT8 readers, but excluding
+    them again would change nothing).
 
     ``fp32_path`` must be the graph the Q/DQ model was made from (the tensor names match). Per
     node output: ``rel_error`` = ||int8 - fp32|| / ||fp32|| (the error accumulated up to there),
@@ -162,7 +165,8 @@ def layer_errors(fp32_path: Path, int8_path: Path, images: np.ndarray, *, top: i
         rows.append({"node": node.name, "op": node.op_type, "tensor": node.output[0], "rel_error": rel,
                      "sqnr_db": -20 * math.log10(max(rel, 1e-12)), "added_error": rel - inherited,
                      "via": [hidden for _, hidden in inputs if hidden is not None]})
-    return sorted(rows, key=lambda r: -r["added_error"])[:top]
+    candidates = [r for r in rows if r["node"] not in excluded and not excluded & set(r["via"])]
+    return sorted(candidates, key=lambda r: -r["added_error"])[:top]
 
 
 def _relative_error(reference, other) -> float:

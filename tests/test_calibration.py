@@ -137,6 +137,10 @@ def test_layer_report_charges_a_convolution_to_the_activation_reading_it(made, t
         assert relu["via"] == [f"/trunk/trunk.{block}/trunk.{block}.0/Conv"]
     later = rows["/trunk/trunk.1/trunk.1.2/Relu"]
     assert 0 < later["added_error"] < later["rel_error"]  # charged from the block's input on, not from zero
+    # A node already excluded is no candidate any more, nor an activation charged with it.
+    conv = "/trunk/trunk.1/trunk.1.0/Conv"
+    again = layer_errors(info["prepared"], out, images, top=20, excluded={conv})
+    assert again and not [r for r in again if r["node"] == conv or conv in r["via"]]
 
 
 def test_calibration_files_take_classes_in_turn(tmp_path, mnist_digits):
