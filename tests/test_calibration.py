@@ -267,10 +267,11 @@ def test_bad_calibration_input_is_one_line_and_leaves_the_bundle_unchanged(made,
     assert file_tree(bundle_dir) == before
 
 
-def test_unknown_target_is_one_line(made, bundle_dir):
+@pytest.mark.parametrize(("option", "words"), [(["--target", "gpu"], ["unknown --target 'gpu'", "tensorrt, onnxruntime"]),
+                                              (["--threads", "-1"], ["--threads must be >= 1"])])
+def test_an_unknown_target_or_thread_count_is_one_line(made, bundle_dir, option, words):
     before = file_tree(bundle_dir)
-    assert_one_line_error(run_cli_process("calibrate", bundle_dir, "--images", made[1], "--target", "gpu", *FAST),
-                           "unknown --target 'gpu'", "tensorrt, onnxruntime")
+    assert_one_line_error(run_cli_process("calibrate", bundle_dir, "--images", made[1], *option, *FAST), *words)
     assert file_tree(bundle_dir) == before
 
 
