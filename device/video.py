@@ -57,8 +57,6 @@ def frames(capture: Any, *, every: int = 1, live: bool = False) -> Iterator[tupl
     Time: a file's frames at index / fps (its own timeline); a ``live`` camera's, ms since the first read.
     Skipped frames are only grabbed, never converted.
     """
-    if every < 1:
-        raise ConfigError(f"--every must be 1 or more, got {every}")
     cv2 = _cv2("--video")
     fps = capture.get(cv2.CAP_PROP_FPS) if not live else 0.0
     start = time.perf_counter()
@@ -84,6 +82,9 @@ def predict_frames(bundle: Path, *, video: Path | None, camera: int | None, ever
     or ``camera`` (see `frames`), up to ``max_frames``; ``device_options`` go to `Device`."""
     from pah_edge.device.api import Device
 
+    # Before the source opens and the bundle loads: frames() is a generator, checked only when read.
+    if every < 1:
+        raise ConfigError(f"--every must be 1 or more, got {every}")
     if max_frames is not None and max_frames < 1:
         raise ConfigError(f"--max-frames must be 1 or more, got {max_frames}")
     capture = open_source(video=video, camera=camera)  # first: no OpenCV or no source fails in a moment
