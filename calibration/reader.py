@@ -71,6 +71,8 @@ class ImageFolderReader(CalibrationDataReader):
         self._pause = False
         self._stream = BatchStream(files, preprocess, batch_size)
         self._batches = iter(self._stream)
+        self._position = {file: i for i, file in enumerate(files)}
+        self._used = len(files)  # files up to this position were needed (all, until samples are reached)
 
     @property
     def done(self) -> bool:
@@ -78,8 +80,9 @@ class ImageFolderReader(CalibrationDataReader):
 
     @property
     def skipped(self) -> list[tuple[Path, str]]:
-        """(file, reason) of every unreadable image met so far."""
-        return self._stream.skipped
+        """(file, reason) of every unreadable image met among the files calibration needed (the stream
+        reads a batch or two ahead of them)."""
+        return [(f, why) for f, why in self._stream.skipped if self._position[f] < self._used]
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.done or self._pause:
@@ -88,15 +91,18 @@ class ImageFolderReader(CalibrationDataReader):
         batch = next(self._batches, None)
         if batch is None:
             self._fail()
-        inputs = batch[0][: self.samples - self.delivered]
+        inputs, positions = batch[0][: self.samples - self.delivered], batch[1][: self.samples - self.delivered]
         self.delivered += len(inputs)
+        if self.done:  # nothing more is needed: stop the stream reading ahead
+            self._used = int(positions[-1]) + 1
+            self._batches.close()
         self._pause = True
         if self.on_images is not None:
             self.on_images(len(inputs))
         return {self.input_name: inputs}
 
     def _fail(self):
-        skipped = self._stream.skipped
+        skipped = self.skipped
         if self.delivered == 0:
             raise DataError(f"none of the {len(self.files)} calibration image(s) could be read: "
                             f"{describe_skipped(skipped)}; replace them or pass another --images folder")

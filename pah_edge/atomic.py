@@ -21,9 +21,19 @@ def umask_mode(mode: int) -> int:
     """``mode`` (0o666 for a file, 0o777 for a folder) less the process's umask, as open() and mkdir()
     apply it; tempfile's files (0600) and folders (0700) need it set by hand, or a bundle written by
     one user is unreadable to the service that runs it."""
-    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    return mode & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it, which other threads creating files would notice
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
     os.umask(mask)
-    return mode & ~mask
+    return mask
 
 
 def is_temporary(file: Path) -> bool:

@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from pah_edge.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, is_temporary, json_bytes, staged
+from pah_edge.atomic import (atomic_write_bytes, atomic_write_json, fsync_dir, is_temporary, json_bytes, staged,
+                             storage_error)
 from pah_edge.bundle_layout import (CALIBRATION_NAME, INT8_BACKBONE_NAME, MANIFEST_NAME, REGISTRY_PATH, TASKS_DIR,
                                     BundleLayout)
 from pah_edge.errors import PahEdgeError, StorageError
@@ -274,10 +275,15 @@ class Bundle:
             for tmp in written:
                 tmp.unlink(missing_ok=True)
             raise
-        layout.calibration_record.unlink(missing_ok=True)
-        os.replace(written[0], layout.int8_backbone)
-        os.replace(written[1], layout.calibration_record)
-        fsync_dir(self.path)
+        try:
+            layout.calibration_record.unlink(missing_ok=True)
+            os.replace(written[0], layout.int8_backbone)
+            os.replace(written[1], layout.calibration_record)
+            fsync_dir(self.path)
+        except OSError as exc:  # renames need no space: failing storage, or a folder made read-only
+            for tmp in written:
+                tmp.unlink(missing_ok=True)
+            raise storage_error(exc, layout.int8_backbone) from None
         for stale in (layout.calibration_rejected, *layout.engine_files("int8")):
             self._unlink_quietly(stale)
 
@@ -617,7 +623,10 @@ def folder_lock(layout: BundleLayout, wait_s: float | None = LOCK_WAIT_S):
         return True
 
     try:
-        fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        # flock needs no write access: a lock file another user created (a device's service account)
+        # still locks for everyone who may read it.
+        fd = os.open(layout.lock, os.O_RDONLY) if layout.lock.exists() else \
+            os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise BundleError(f"cannot create {layout.lock} ({exc.strerror}); make {layout.root} writable") from None
     try:
@@ -634,13 +643,14 @@ def folder_lock(layout: BundleLayout, wait_s: float | None = LOCK_WAIT_S):
         os.close(fd)  # releases the flock
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of ``path``; None when it is missing."""
+def _file_id(path: Path) -> tuple[int, ...] | None:
+    """(device, inode, mtime, size) of ``path``, which a file written anew never shares with the old
+    one even where the inode number is reused; None when it is missing."""
     try:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    return stat.st_dev, stat.st_ino
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def _files_of(records: list[TaskRecord]) -> set[str]:

@@ -239,10 +239,14 @@ def test_an_int8_install_that_cannot_write_leaves_the_installed_one_and_a_new_on
         stale.write_bytes(b"engine of the first INT8 model")
     before = file_tree(bundle_dir)
 
-    def full_disk(path, data):
-        raise StorageError(f"could not write {path} (No space left on device)")
+    real_staged = bundle_module.staged
 
-    monkeypatch.setattr(bundle_module, "staged", full_disk)
+    def full_disk_at_the_record(path, data):  # the model is staged, then the disk is full
+        if path == bundle.layout.calibration_record:
+            raise StorageError(f"could not write {path} (No space left on device)")
+        return real_staged(path, data)
+
+    monkeypatch.setattr(bundle_module, "staged", full_disk_at_the_record)
     with pytest.raises(StorageError):
         bundle.install_int8(backbone, {"passed": True, "sha256": sha256_file(backbone), "second": True})
     monkeypatch.undo()

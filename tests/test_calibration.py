@@ -143,6 +143,22 @@ def test_layer_report_charges_a_convolution_to_the_activation_reading_it(made, t
     assert again and not [r for r in again if r["node"] == conv or conv in r["via"]]
 
 
+def test_the_reader_stops_reading_ahead_and_reports_only_the_files_it_needed(made, tmp_path):
+    import threading
+
+    bundle = Bundle.open(made[0])
+    files = calibration_files(made[1], 20)
+    copies = []
+    for i, file in enumerate(files):
+        copies.append(tmp_path / f"{i:02d}.png")
+        copies[-1].write_bytes(file.read_bytes() if i != 10 else b"not a png")  # beyond the 8 it needs
+    reader = ImageFolderReader(copies, bundle.preprocess, samples=8, batch_size=4)
+    while not reader.done:
+        reader.get_next()
+    assert reader.delivered == 8 and reader.skipped == []
+    assert not [t for t in threading.enumerate() if t.name == "pah-edge-prepare"]
+
+
 def test_calibration_files_take_classes_in_turn(tmp_path, mnist_digits):
     root = write_image_folder(tmp_path, mnist_digits, {"t": [0, 1, 2]}, per_class=4) / "t"
     files = calibration_files(root, 6)

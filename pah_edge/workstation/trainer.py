@@ -124,7 +124,8 @@ def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, o
             return evaluate(model, task, getattr(tasks[task], split), normalize, features)
 
         with _progress(show_progress and dist.is_main) as progress, closing(cache) if cache else nullcontext():
-            for phase in phases[len(state.acc_matrix):]:
+            todo = phases[len(state.acc_matrix):]
+            for phase in todo:
                 started = time.perf_counter()
                 _seed(cfg.train.seed, phase[0])
                 prev = _frozen_copy(model) if model.num_tasks else None
@@ -143,7 +144,7 @@ def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, o
                     _save_run(out_dir, cfg, tasks, preprocess, state)
                     _log_phase(phase, tasks, state, time.perf_counter() - started)
                 dist.barrier()
-        if dist.is_main and len(state.acc_matrix) >= len(phases):  # a finished run resumed: its outputs again
+        if dist.is_main and not todo:  # a finished run resumed: its outputs again (a crash may have lost them)
             _write_outputs(out_dir, cfg, tasks, state)
         return _metrics(cfg, tasks, state)
     finally:
