@@ -271,19 +271,16 @@ class Bundle:
             for path, data in ((layout.int8_backbone, Path(model).read_bytes()),
                                (layout.calibration_record, json_bytes(record))):
                 written.append(staged(path, data))
-        except BaseException:
-            for tmp in written:
-                tmp.unlink(missing_ok=True)
-            raise
-        try:
             layout.calibration_record.unlink(missing_ok=True)
             os.replace(written[0], layout.int8_backbone)
             os.replace(written[1], layout.calibration_record)
             fsync_dir(self.path)
-        except OSError as exc:  # renames need no space: failing storage, or a folder made read-only
-            for tmp in written:
+        except BaseException as exc:
+            for tmp in written:  # a renamed one is gone from here already
                 tmp.unlink(missing_ok=True)
-            raise storage_error(exc, layout.int8_backbone) from None
+            if isinstance(exc, OSError):  # renames need no space: failing storage, or a read-only folder
+                raise storage_error(exc, layout.int8_backbone) from None
+            raise
         for stale in (layout.calibration_rejected, *layout.engine_files("int8")):
             self._unlink_quietly(stale)
 

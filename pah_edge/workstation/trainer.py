@@ -79,8 +79,7 @@ def run_training(cfg: RunConfig, out_dir: Path, *, resume: bool = False, show_pr
     preprocess = (Preprocess.from_dict(resumed["preprocess"]) if resumed is not None
                   else Preprocess(image_size=cfg.model.image_size))
     tasks = load_tasks(cfg, preprocess, cfg.data.limit_per_class)
-    return train_continual(cfg, tasks, preprocess, out_dir, resume=resumed if resumed is not None else False,
-                           show_progress=show_progress)
+    return train_continual(cfg, tasks, preprocess, out_dir, resumed=resumed, show_progress=show_progress)
 
 
 def load_tasks(cfg: RunConfig, preprocess: Preprocess, limit_per_class: int | None) -> list[Task]:
@@ -95,18 +94,17 @@ def load_tasks(cfg: RunConfig, preprocess: Preprocess, limit_per_class: int | No
 
 
 def train_continual(cfg: RunConfig, tasks: list[Task], preprocess: Preprocess, out_dir: Path, *,
-                    resume: bool | dict = False, show_progress: bool = True) -> dict:
+                    resumed: dict | None = None, show_progress: bool = True) -> dict:
     """Train ``tasks`` in order (or jointly for ``method == "joint"``); returns the metrics dict.
 
-    ``resume``: continue the run in ``out_dir`` (True), or from its checkpoint already read and checked
-    by ``_resumable``.
+    ``resumed``: continue the run in ``out_dir`` from its checkpoint, read and checked by ``_resumable``.
 
     Writes ``checkpoint.pt``, ``config.json``, ``metrics.json``, ``accuracy_matrix.png`` and
     ``prototypes.png`` into ``out_dir`` (rank 0 only).
     """
     dist = DistContext.setup(cfg.train.device)
     try:
-        state = _start_or_resume(cfg, tasks, out_dir, resume)
+        state = _start_or_resume(cfg, tasks, out_dir, resumed)
         if dist.is_main:
             atomic_write_json(out_dir / "config.json", {"config": cfg.to_dict(), "preprocess": preprocess.to_dict(),
                                                         "versions": library_versions()})
@@ -384,12 +382,11 @@ def _initial_params(model: PAHModel, train: ImageSet, normalize, cfg: RunConfig,
     return model.generator.init_params(means, random=cfg.model.prototype_init == "random", generator=generator)
 
 
-def _start_or_resume(cfg: RunConfig, tasks: list[Task], out_dir: Path, resume: bool | dict) -> RunState:
-    _refuse_to_overwrite(out_dir, resume is not False)
-    if resume is False:
+def _start_or_resume(cfg: RunConfig, tasks: list[Task], out_dir: Path, state: dict | None) -> RunState:
+    _refuse_to_overwrite(out_dir, state is not None)
+    if state is None:
         _seed(cfg.train.seed, -1)
         return RunState(build_model(cfg.model, first_task_classes=tasks[0].num_classes), [], [])
-    state = _resumable(cfg, out_dir) if resume is True else resume
     if state["tasks"] != _task_records(tasks):
         raise CheckpointError(f"--resume with different data than the run in {out_dir}; pass the original data options")
     return RunState(model_from_checkpoint(state), state["acc_matrix"], state["val_acc"])
