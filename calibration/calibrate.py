@@ -136,6 +136,8 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
     if samples < 1 or batch_size < 1 or latency_runs < 1:
         raise ConfigError(f"--samples, --latency-runs and batch_size must be >= 1, got {samples}, {latency_runs}, "
                           f"{batch_size}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1 (or left out for one per core); got {threads}")
     try:
         from pah_edge.calibration.reader import ImageFolderReader, calibration_files  # ORT quantization: onnx
     except ImportError as exc:
@@ -144,8 +146,6 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
 
     bundle = Bundle.open(bundle_dir)  # checks the FP32 graphs' hashes
     # Everything the user can get wrong is checked before minutes of work.
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be >= 1 (or left out for one per core); got {threads}")
     files = calibration_files(images, samples, seed)
     eval_folders = eval_task_folders(bundle, Path(eval_dir) if eval_dir is not None else None)
     if new_task is not None:

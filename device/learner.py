@@ -307,12 +307,10 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
         # session leaves freed memory behind, given back first), and without the backbone, which is released
         # once the features are extracted unless the caller lent it.
         release_freed_memory()
-        kept_mb = current_rss_mb()
+        kept_mb = current_rss_mb() if backbone is None else None  # a lent backbone stays loaded
         own_backbone = stack.enter_context(ExitStack())
         if backbone is None:
             backbone = own_backbone.enter_context(backbone_runner(bundle, runtime, precision))
-        else:
-            kept_mb = None
         release_freed_memory()
         batch = batch_size_for(budget_mb, bundle.preprocess.image_size, in_use_mb=current_rss_mb(), kept_mb=kept_mb,
                                images=len(task.labels), feature_dim=bundle.feature_dim)
@@ -323,7 +321,6 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
             warn_ignored(task.folders)
         log.info("extracting features of %d images on %s, batch %d", len(task.labels), backbone.name, batch)
         extracted = extract_features(backbone, task.stream(bundle.preprocess, batch), task.labels, bundle, progress)
-        runtime_name = backbone.name
         own_backbone.close()  # its weights and arena make room for the statistics and the fit
         release_freed_memory()
         if task.folders is not None:
@@ -368,7 +365,7 @@ def learn(bundle: Bundle, new_task: Callable[[], NewTask], *, name: str | None =
         final_loss=result.final_loss,
         steps=result.steps,
         converged=result.converged,
-        runtime=runtime_name,
+        runtime=backbone.name,  # a closed runner keeps its name
         precision=precision,
         batch_size=batch,
         feature_images_per_s=len(extracted.labels) / extracted.seconds if extracted.seconds > 0 else None,

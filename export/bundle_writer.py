@@ -25,13 +25,12 @@ from pah_edge.bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, Bundle, folde
 from pah_edge.bundle_layout import GRAPH_SPECS, BundleLayout
 from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from pah_edge.workstation.config import RunConfig
-from pah_edge.workstation.data.splits import MIN_PER_CLASS
 from pah_edge.device.task_stats import TaskFreeReport, install_task_free
 from pah_edge.errors import CheckpointError, ConfigError, DataError, PahEdgeError
 from pah_edge.export.graphs import LearnerStepGraph
 from pah_edge.export.onnx_export import (GRAPH_TOLERANCES, OPSET, ExportError, OnnxGraph, onnx_from_torch, tolerance_text,
                                          torch_outputs)
-from pah_edge.export.task_free_data import STATS_PER_CLASS, run_task_features
+from pah_edge.export.task_free_data import STATS_PER_CLASS, check_stats_per_class, run_task_features
 from pah_edge.export.parity_inputs import Inputs, backbone_inputs, learner_step_inputs, prototype_sets
 from pah_edge.generators import GENERATOR_KINDS, generator_kind
 from pah_edge.workstation.hypernetwork import TaskMLPGenerator
@@ -55,7 +54,7 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = OPSET, simpli
     an existing bundle. backbone: refuse a checkpoint of another backbone. stats_per_class: images
     per class of the run's data for the task-free statistics (when the data is not here, the bundle
     is written without them, with a warning naming the command that adds them). engine: also build
-    a TensorRT engine of this precision (fp32, fp16, int8), checked for TensorRT before the export.
+    a TensorRT engine of this precision (fp32 or fp16), checked for TensorRT before the export.
     Returns the report that is also written to ``out_dir/report.json``; a parity failure raises
     ExportError and writes nothing.
     """
@@ -67,8 +66,7 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, opset: int = OPSET, simpli
     _check_destination(out_dir, force)  # before minutes of export work
     if images is not None and not Path(images).is_dir():
         raise DataError(f"--images {images} is not a folder; give a folder of .png/.jpg images")
-    if stats_per_class < MIN_PER_CLASS:  # the run's data is split into train, val and test per class
-        raise ConfigError(f"--stats-per-class must be at least {MIN_PER_CLASS}, got {stats_per_class}")
+    check_stats_per_class(stats_per_class)
     if engine is not None:
         _check_engine_possible(engine)
     state = load_checkpoint(ckpt_path)
@@ -110,6 +108,9 @@ def _check_engine_possible(precision: str) -> None:
     from pah_edge.export.tensorrt_build import check_precision
 
     check_precision(precision, "--engine")
+    if precision == "int8":  # built from the calibrated model, which a fresh bundle does not have yet
+        raise ConfigError("--engine int8 needs the INT8 model `pah-edge calibrate` installs: export with --engine "
+                          "fp16, or calibrate the bundle, then `pah-edge build-engine BUNDLE --precision int8`")
     problem = tensorrt_problem()
     if problem is not None:
         raise PahEdgeError(f"--engine needs TensorRT here: {problem}; or export without --engine")

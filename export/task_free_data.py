@@ -13,11 +13,18 @@ from pah_edge.workstation.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pah_edge.workstation.config import RunConfig
 from pah_edge.device.bundle_runners import backbone_runner
 from pah_edge.device.task_stats import TaskFeatures, features_of_arrays
-from pah_edge.errors import CheckpointError
+from pah_edge.errors import CheckpointError, ConfigError
 from pah_edge.preprocess import Preprocess
 from pah_edge.progress import progress_bar
 from pah_edge.task_free import STATS_PER_CLASS
+from pah_edge.workstation.data.splits import MIN_PER_CLASS
 from pah_edge.workstation.trainer import load_tasks
+
+
+def check_stats_per_class(per_class: int) -> None:
+    """ConfigError naming --stats-per-class unless the run's data can be split with it (before any work)."""
+    if per_class < MIN_PER_CLASS:  # the run's data is split into train, val and test per class
+        raise ConfigError(f"--stats-per-class must be at least {MIN_PER_CLASS}, got {per_class}")
 
 
 def run_task_features(bundle: Bundle, cfg: RunConfig, preprocess: Preprocess, *,
@@ -42,6 +49,7 @@ def run_task_features(bundle: Bundle, cfg: RunConfig, preprocess: Preprocess, *,
 def checkpoint_task_features(bundle: Bundle, checkpoint: Path, *, per_class: int = STATS_PER_CLASS,
                              progress: bool = True) -> list[TaskFeatures]:
     """:func:`run_task_features` for the run at ``checkpoint`` (run directory or its checkpoint.pt)."""
+    check_stats_per_class(per_class)
     path = Path(checkpoint)
     path = path / CHECKPOINT_NAME if path.is_dir() else path
     if not path.is_file():

@@ -102,10 +102,10 @@ def engine_from_onnx(
     engine_path: Path,
     *,
     precision: str,
-    min_batch: int = 1,
-    opt_batch: int = 8,
-    max_batch: int = 32,
-    workspace_mb: int = 1024,
+    min_batch: int = DEFAULT_BATCHES[0],
+    opt_batch: int = DEFAULT_BATCHES[1],
+    max_batch: int = DEFAULT_BATCHES[2],
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
     timing_cache: Path | None = None,
 ) -> dict:
     """Build and write a TensorRT engine for ``onnx_path`` and its JSON build record; returns the record.

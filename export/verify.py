@@ -75,12 +75,14 @@ def verify_bundle(path: Path, *, images: Path | None = None) -> VerifyReport:
     bundle = Bundle.open(path)  # raises BundleError on a hash mismatch of the manifest's files
     bundle.int8_backbone_path()  # ... and of an installed INT8 model against calibration.json
     tasks, prototypes = task_states(bundle)
-    feeds = _feeds(bundle, prototypes, images)
+    feeds, backbone_outputs = _feeds(bundle, prototypes, images)
     outputs: dict[str, dict[str, list[dict]]] = {}  # runtime -> graph -> outputs per feed
     status: dict[str, str] = {}
     tolerances: dict[str, dict[str, Tolerance]] = {}  # runtime -> graph -> tolerance
 
-    outputs["onnxruntime"] = {g: _run_onnxruntime(bundle.graph_path(g), f) for g, f in feeds.items()}
+    outputs["onnxruntime"] = {"backbone": backbone_outputs,
+                              **{g: _run_onnxruntime(bundle.graph_path(g), f) for g, f in feeds.items()
+                                 if g != "backbone"}}
     status["onnxruntime"] = "ok"
     torch_outputs, status["torch"] = _run_torch(bundle, feeds)
     if torch_outputs is not None:
@@ -127,21 +129,23 @@ def task_states(bundle: Bundle) -> tuple[dict[str, dict], dict[str, np.ndarray]]
 
 
 def _feeds(bundle: Bundle, prototypes: dict[str, np.ndarray],
-           images: Path | None) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Per graph, the input batches: the export's parity inputs rebuilt from the bundle alone (the
-    tasks' ``prototypes``)."""
+           images: Path | None) -> tuple[dict[str, list[dict[str, np.ndarray]]], list[dict]]:
+    """(Per graph, the input batches: the export's parity inputs rebuilt from the bundle alone (the
+    tasks' ``prototypes``); ONNX Runtime's backbone outputs for them, which the learner step's
+    inputs are made from)."""
     tasks = list(prototypes.items())
     image_batches = [a for _, a in backbone_inputs(bundle.preprocess, tasks, images)]
     proto_sets = [a for _, a in prototype_sets(tasks, bundle.prototype_shape, bundle.fixed_num_classes)]
     # The learner step needs features; ONNX Runtime's are the ones every runtime can reproduce.
     backbone = [{"images": x} for x in image_batches]
-    features = np.concatenate([o["features"] for o in _run_onnxruntime(bundle.graph_path("backbone"), backbone)])
+    backbone_outputs = _run_onnxruntime(bundle.graph_path("backbone"), backbone)
+    features = np.concatenate([o["features"] for o in backbone_outputs])
     return {
         "backbone": backbone,
         "generator": [{"prototypes": p} for p in proto_sets],
         "learner_step": [dict(zip(GRAPH_SPECS["learner_step"].input_names, batch))
                          for batch in learner_step_inputs(proto_sets, features)],
-    }
+    }, backbone_outputs
 
 
 def _run_onnxruntime(graph: Path, feeds: list[dict]) -> list[dict]:

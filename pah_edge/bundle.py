@@ -59,6 +59,7 @@ PROTOTYPES_KEY = "prototypes"
 # How long a change to a bundle's tasks or INT8 model waits (s) for another process holding the lock:
 # learn-task takes minutes on a small device, and a second one should queue rather than fail.
 LOCK_WAIT_S = 600.0
+_TASK_FREE_FIX = "write it again with `pah-edge task-stats {bundle} --images DIR` (or re-export the bundle)"
 
 log = logging.getLogger("pah_edge")
 
@@ -323,16 +324,14 @@ class Bundle:
     def tasks(self) -> list[TaskRecord]:
         """Registered tasks in registration order (an absent registry means none).
 
-        Parsed again only when the registry file changed (inode, mtime or size): a camera loop that
-        predicts frame by frame pays one stat per call, not a JSON parse. Every write
-        replaces the file by rename, so a new registry always has a new inode.
+        Parsed again only when the registry file changed (``_file_id``): a camera loop that predicts
+        frame by frame pays one stat per call, not a JSON parse. Every write replaces the file by
+        rename, so a new registry is a new file.
         """
         registry = self.layout.registry
-        try:
-            stat = registry.stat()
-        except FileNotFoundError:
+        key = _file_id(registry)
+        if key is None:
             return []
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if self._registry_read is None or self._registry_read[0] != key:
             self._registry_read = (key, self._parse_registry(registry))
         return list(self._registry_read[1])
@@ -411,28 +410,31 @@ class Bundle:
     def shared_stats(self) -> SharedStats | None:
         """The bundle's shared task-free state, or None for a bundle exported before it existed.
 
-        Read and hashed again only when task_free.json changed (inode, mtime, size): a camera loop
+        Read and hashed again only when task_free.json changed (``_file_id``): a camera loop
         predicting frame by frame must not re-hash a D x D matrix (6.5 MB at D = 1280) per call.
         """
-        record_path = self.layout.task_free_record
-        try:
-            stat = record_path.stat()
-        except FileNotFoundError:
+        key = _file_id(self.layout.task_free_record)
+        if key is None:
             return None
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if self._shared_read is None or self._shared_read[0] != key:
-            self._shared_read = (key, self._read_shared_stats(record_path))
+            self._shared_read = (key, self._read_shared_stats())
         return self._shared_read[1]
 
-    def _read_shared_stats(self, record_path: Path) -> SharedStats:
-        fix = f"write it again with `pah-edge task-stats {self.path} --images DIR` (or re-export the bundle)"
-        record = _read_json(record_path, fix=fix)
+    def _task_free_record(self) -> tuple[Path, str | None]:
+        """(the shared state's file, its SHA-256) as task_free.json names them; BundleError naming the fix."""
+        record_path = self.layout.task_free_record
+        record = _read_json(record_path, fix=_TASK_FREE_FIX.format(bundle=self.path))
         if not isinstance(record, dict) or not isinstance(record.get("file"), str) or "/" in record["file"]:
-            raise BundleError(f"{record_path} is not a task-free record; {fix}")
+            raise BundleError(f"{record_path} is not a task-free record; {_TASK_FREE_FIX.format(bundle=self.path)}")
+        return self.path / record["file"], record.get("sha256")
+
+    def _read_shared_stats(self) -> SharedStats:
+        file, sha = self._task_free_record()
+        fix = _TASK_FREE_FIX.format(bundle=self.path)
         try:
-            return SharedStats.from_npz(_load_checked_npz(self.path / record["file"], record.get("sha256"), fix))
+            return SharedStats.from_npz(_load_checked_npz(file, sha, fix))
         except (KeyError, ValueError) as exc:
-            raise BundleError(f"{record['file']} lacks {exc}; {fix}") from None
+            raise BundleError(f"{file.name} lacks {exc}; {fix}") from None
 
     def write_shared_stats(self, shared: SharedStats) -> None:
         """Install the shared task-free state: its content-named file first, then the record naming it."""
@@ -585,7 +587,10 @@ class Bundle:
         orphans = [f for f in self.layout.tasks_dir.glob("*.npz") if f not in referenced]
         # A task-free state replaced by a write that crashed (or could not delete it) stays beside the
         # current one; without a readable record naming the current one, none is touched.
-        current = self._current_task_free_state()
+        try:
+            current = self._task_free_record()[0] if self.layout.task_free_record.exists() else None
+        except BundleError:
+            current = None
         if current is not None:
             orphans += [f for f in self.layout.task_free_states() if f != current]
         # Interrupted atomic writes leave temporary files in the root too (calibrate, task-stats).
@@ -593,13 +598,6 @@ class Bundle:
         for file in orphans:
             self._unlink_quietly(file)
             log.info("removed %s, left by an interrupted write", file)
-
-    def _current_task_free_state(self) -> Path | None:
-        """The file task_free.json names; None without a readable record."""
-        try:
-            return self.path / json.loads(self.layout.task_free_record.read_text())["file"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
 
     def _write_registry(self, records: list[TaskRecord]) -> None:
         atomic_write_json(self.layout.registry,
@@ -622,8 +620,7 @@ def folder_lock(layout: BundleLayout, wait_s: float | None = LOCK_WAIT_S):
     try:
         # flock needs no write access: a lock file another user created (a device's service account)
         # still locks for everyone who may read it.
-        fd = os.open(layout.lock, os.O_RDONLY) if layout.lock.exists() else \
-            os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(layout.lock, os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as exc:
         raise BundleError(f"cannot create {layout.lock} ({exc.strerror}); make {layout.root} writable") from None
     try:

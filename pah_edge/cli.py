@@ -70,7 +70,7 @@ def export(
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Simplify graphs with onnxslim when installed (kept only if parity holds)."),
     images: Optional[Path] = typer.Option(None, help="Folder of images; its first 16 join the parity check."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle in --out (and its tasks)."),
-    engine: Optional[str] = typer.Option(None, help="Also build a TensorRT engine: fp16, fp32 or int8 (needs TensorRT and a GPU)."),
+    engine: Optional[str] = typer.Option(None, help="Also build a TensorRT engine: fp16 or fp32 (needs TensorRT and a GPU; int8: calibrate first, then build-engine)."),
     stats_per_class: int = typer.Option(STATS_PER_CLASS, help="Images per class of the run's data for the task-free statistics."),
 ):
     """Export a trained run as a bundle: ONNX graphs checked against PyTorch, manifest, task registry, task-free statistics."""

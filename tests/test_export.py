@@ -294,6 +294,13 @@ def test_a_run_with_options_this_version_does_not_know_is_a_one_line_error(runs,
     assert "saved options do not fit this pah-edge" in " ".join(result.output.split())
 
 
+def test_an_int8_engine_is_refused_before_the_export(runs, tmp_path):
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(runs["classwise"]), "--out", str(tmp_path / "b"),
+                                      "--engine", "int8"])
+    assert result.exit_code == 1 and "calibrate the bundle" in " ".join(result.output.split()), result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_file_that_is_no_checkpoint_is_a_one_line_error(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "checkpoint.pt")
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--out",
