@@ -22,7 +22,7 @@ import numpy as np
 
 from pah_edge.bundle import LOCK_WAIT_S, Bundle, sha256_file, utc_now
 from pah_edge.bundle_layout import BundleLayout
-from pah_edge.calibration.evaluate import (compare_tasks, eval_task_folders, layer_errors, paired_latency,
+from pah_edge.calibration.evaluate import (EvalFolder, compare_tasks, eval_task_folders, layer_errors, paired_latency,
                                            size_mb)
 from pah_edge.calibration.quantize import DEFAULT_MAX_DROP, DEFAULT_SAMPLES, QuantizeOptions, int8_onnx_from_fp32
 from pah_edge.device.images import BatchStream, scan_class_folders, warn_skipped
@@ -188,7 +188,7 @@ def calibrate_bundle(bundle_dir: str | Path, images: str | Path, *, options: Qua
     return record
 
 
-def _compare(bundle: Bundle, int8_path: Path, prepared: Path, files: list[Path], eval_folders: dict[str, Path],
+def _compare(bundle: Bundle, int8_path: Path, prepared: Path, files: list[Path], eval_folders: dict[str, EvalFolder],
              new_task: str | Path | None, work: Path, *, latency_runs: int, threads: int | None,
              excluded: list[str]) -> dict:
     """The report's measurements: tasks, new_task, layers (the nodes not already ``excluded``), size_mb,

@@ -33,9 +33,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
-def eval_task_folders(bundle: Bundle, eval_dir: Path | None) -> dict[str, Path]:
-    """{registered task: its held-out folder ``eval_dir/<task>/<class>/*``}; DataError for an unknown task
-    or class folder, found before any work (nothing is decoded)."""
+EvalFolder = tuple[ClassFolders, np.ndarray]  # a task's held-out class folders, the task's class index of each
+
+
+def eval_task_folders(bundle: Bundle, eval_dir: Path | None) -> dict[str, EvalFolder]:
+    """{registered task: its held-out folders ``eval_dir/<task>/<class>/*``, scanned}; DataError for an
+    unknown task or class folder, found before any work (nothing is decoded)."""
     if eval_dir is None:
         return {}
     root = Path(eval_dir)
@@ -49,9 +52,8 @@ def eval_task_folders(bundle: Bundle, eval_dir: Path | None) -> dict[str, Path]:
                         f"tasks: {', '.join(names) or 'none'}. Rename or remove them")
     if not folders:
         raise DataError(f"--eval {root} has no task folders: lay it out as EVAL/<task>/<class>/<images>")
-    for name, folder in folders.items():
-        _task_classes(bundle.task(name), scan_class_folders(folder))
-    return folders
+    scans = {name: scan_class_folders(folder) for name, folder in folders.items()}
+    return {name: (scan, _task_classes(bundle.task(name), scan)) for name, scan in scans.items()}
 
 
 def _task_classes(record: TaskRecord, folders: ClassFolders) -> np.ndarray:
@@ -65,7 +67,7 @@ def _task_classes(record: TaskRecord, folders: ClassFolders) -> np.ndarray:
     return np.asarray([by_folder[c] for c in folders.class_names], np.int64)
 
 
-def compare_tasks(bundle: Bundle, fp32_path: Path, int8_path: Path, folders: dict[str, Path], *,
+def compare_tasks(bundle: Bundle, fp32_path: Path, int8_path: Path, folders: dict[str, EvalFolder], *,
                   batch_size: int = 32) -> list[dict]:
     """Per registered task: accuracy with FP32 and with INT8 features (its own generated head), and cosine.
 
@@ -83,8 +85,7 @@ def compare_tasks(bundle: Bundle, fp32_path: Path, int8_path: Path, folders: dic
                 rows.append({"task": record.name, "evaluated": False})
                 continue
             head = generator.infer({"prototypes": bundle.load_prototypes(record.name)})["head"]
-            feats_fp32, feats_int8, labels = _task_features(bundle, record, folders[record.name], fp32, int8,
-                                                            batch_size)
+            feats_fp32, feats_int8, labels = _task_features(bundle, folders[record.name], fp32, int8, batch_size)
             same = np.argmax(feats_fp32 @ head.T, axis=1) == np.argmax(feats_int8 @ head.T, axis=1)
             sim = cosine(feats_fp32, feats_int8)
             rows.append({"task": record.name, "evaluated": True, "images": int(len(labels)),
@@ -95,10 +96,9 @@ def compare_tasks(bundle: Bundle, fp32_path: Path, int8_path: Path, folders: dic
     return rows
 
 
-def _task_features(bundle: Bundle, record: TaskRecord, folder: Path, fp32, int8, batch_size: int):
+def _task_features(bundle: Bundle, folder: EvalFolder, fp32, int8, batch_size: int):
     """FP32 and INT8 features [N, D] and task labels [N] of a task's held-out images, each decoded once."""
-    folders = scan_class_folders(folder)
-    to_task = _task_classes(record, folders)
+    folders, to_task = folder
     stream = BatchStream(folders.paths(), bundle.preprocess, batch_size)
     parts_fp32, parts_int8, positions = [], [], []
     for inputs, batch_positions in stream:
