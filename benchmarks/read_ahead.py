@@ -28,7 +28,6 @@ from PIL import Image
 
 from pah_edge.atomic import atomic_write_json
 from pah_edge.bundle import Bundle
-from pah_edge.device.bundle_runners import features
 from pah_edge.device.images import BatchStream
 from pah_edge.device.predict import Predictor, image_files
 from pah_edge.machine import library_versions, machine_info
@@ -82,12 +81,11 @@ def _passes(bundle: Bundle, files: list[Path], batches: list[int], rounds: int) 
     """Per batch size: ms per image of each stream's passes, taking turns."""
     rows = []
     with Predictor(bundle, runtime="onnxruntime-cpu") as predictor:
-        answer, backbone = predictor.answerer(), predictor.backbone_for()
-
         def one_pass(stream_type: type[BatchStream], batch: int) -> float:
+            answer = predictor.answerer(batch_size=batch)
             start = time.perf_counter()
             for inputs, _ in stream_type(files, bundle.preprocess, batch):
-                answer(features(backbone, inputs, batch))
+                answer(inputs)
             return (time.perf_counter() - start) * 1e3 / len(files)
 
         for batch in batches:

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from pah_edge.bundle import Bundle, TaskRecord
-from pah_edge.device.bundle_runners import features
 from pah_edge.device.frame_pipeline import prepared_ahead
 from pah_edge.device.learner import LearnReport, learn_task, learn_task_arrays
 from pah_edge.device.predict import Predictor
@@ -126,7 +125,7 @@ class Device:
         predictor = self._running()
         # Resolved once, before the first image is read: an unknown task fails at once, and the
         # stream answers with the tasks registered when it started.
-        answer, backbone = predictor.answerer(task, self.novelty_threshold), predictor.backbone_for(task)
+        answer = predictor.answerer(task, self.novelty_threshold)
 
         def prepare(image: ImageLike) -> tuple[str | None, np.ndarray]:
             path, resized = self._resized(image, bgr)
@@ -134,7 +133,7 @@ class Device:
 
         with closing(prepared_ahead(images, prepare)) as ready:
             for path, batch in ready:
-                (result,) = answer(features(backbone, batch))
+                (result,) = answer(batch)
                 yield Prediction(**result, path=path)
 
     def _resized(self, image: ImageLike, bgr: bool) -> tuple[str | None, np.ndarray]:

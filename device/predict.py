@@ -9,6 +9,7 @@ as in training; novelty is then measured against that task's classes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -216,7 +217,7 @@ class Predictor:
         images are skipped with one warning; if none is readable, DataError.
         """
         _check_batch_size(batch_size)
-        answer, backbone = self.answerer(task, novelty_threshold), self.backbone_for(task)
+        answer = self.answerer(task, novelty_threshold, batch_size)
         files = image_files(paths)
         if not files:
             shown = ", ".join(map(str, paths))
@@ -225,8 +226,7 @@ class Predictor:
         stream = BatchStream(files, self.bundle.preprocess, batch_size)
         results: list[dict] = []
         for inputs, positions in stream:
-            answers = answer(features(backbone, inputs, batch_size))
-            results += [{"path": str(files[i]), **a} for i, a in zip(positions, answers)]
+            results += [{"path": str(files[i]), **a} for i, a in zip(positions, answer(inputs))]
         warn_skipped(stream.skipped, len(files))
         if not results:
             raise DataError(f"none of the {len(files)} image(s) could be read: {describe_skipped(stream.skipped)}; "
@@ -238,26 +238,29 @@ class Predictor:
         """One ``{"task", "label", "confidence", "novelty", "known"}`` per image of uint8 [N, S, S, 3] RGB
         (``load_image`` or ``frame_image`` output), as `predict` answers for files."""
         _check_batch_size(batch_size)
-        answer, backbone = self.answerer(task, novelty_threshold), self.backbone_for(task)
+        answer = self.answerer(task, novelty_threshold, batch_size)
         results: list[dict] = []
         for start in range(0, len(images), batch_size):
-            inputs = to_input(images[start:start + batch_size], self.bundle.preprocess)
-            results += answer(features(backbone, inputs, batch_size))
+            results += answer(to_input(images[start:start + batch_size], self.bundle.preprocess))
         return results
 
-    def answerer(self, task: str | None = None,
-                 novelty_threshold: float | None = None) -> Callable[[np.ndarray], list[dict]]:
-        """features float32 [N, D] -> N answers ``{"task", "label", "confidence", "novelty", "known"}``.
+    def answerer(self, task: str | None = None, novelty_threshold: float | None = None,
+                 batch_size: int = 32) -> Callable[[np.ndarray], list[dict]]:
+        """network input float32 [N, 3, S, S] -> N answers ``{"task", "label", "confidence", "novelty",
+        "known"}``, through the backbone ``batch_size`` images at a time.
 
-        Resolves the task, its head and the threshold once per call of `predict`, not per batch.
+        Resolves the task, its head, the threshold and the backbone once per call of `predict`, not per batch.
         """
         rule = self._task_free_rule() if task is None else self.rule(warn=False)
         threshold = novelty_threshold if novelty_threshold is not None else (
             rule.shared.threshold if rule is not None else None)
         if task is None:
-            return lambda feats: _task_free(feats, rule, threshold)
-        record, head = self.task_head(task)
-        return lambda feats: _task_given(feats, record, head, rule, threshold)
+            answer = functools.partial(_task_free, rule=rule, threshold=threshold)
+        else:
+            record, head = self.task_head(task)
+            answer = functools.partial(_task_given, record=record, head=head, rule=rule, threshold=threshold)
+        backbone = self.backbone_for(task)
+        return lambda inputs: answer(features(backbone, inputs, batch_size))
 
 
 def _check_batch_size(batch_size: int) -> None:
