@@ -25,7 +25,7 @@ from pah_edge.device.bench_components import (COMPONENTS, LEARN_TASK_RUNS, PREDI
                                               component_precisions, pair_with_torch, skip)
 from pah_edge.device.bench_config import RUNTIMES, BenchConfig
 from pah_edge.device.bench_inputs import DEFAULT_CLASSES, IMAGES_PER_CLASS, prepare_inputs, scratch_bundle
-from pah_edge.device.runtimes import EngineMismatchError, RuntimeUnavailable, available_runtimes, reference_runners
+from pah_edge.device.runtimes import EngineMismatchError, ReferenceRunners, RuntimeUnavailable, available_runtimes
 from pah_edge.errors import ConfigError, PahEdgeError
 from pah_edge.machine import machine_info, reset_peak_rss
 from pah_edge.report import Report, aligned
@@ -54,8 +54,11 @@ class BenchReport(Report):
 
 
 def run_bench(bundle_path: str | Path, config: BenchConfig | None = None, *, json_path: Path | None = None,
-              plot_path: Path | None = None) -> BenchReport:
+              plot_path: Path | None = None, reference: ReferenceRunners | None = None) -> BenchReport:
     """Measure, then write ``json_path`` (the report's `to_dict`) and ``plot_path`` (atomically) if given.
+
+    ``reference``: the PyTorch runners of a bundle (``pah_edge.export.torch_runner.torch_runners``, on
+    the workstation side) for the ``torch`` runtime; without it that runtime is skipped.
 
     PahEdgeError if the bundle is missing, --plot lacks matplotlib, or nothing could be measured.
     """
@@ -73,7 +76,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig | None = None, *, jso
                       classes=classes, warmup=config.warmup, iterations=config.iterations, batches=config.batches,
                       threads=config.threads, rss_per_row=reset_peak_rss())
         for runtime in config.runtimes:
-            problem = status[runtime] or (_start_torch(ctx, config.threads) if runtime == "torch" else None)
+            problem = status[runtime] or (_start_torch(ctx, reference, config.threads) if runtime == "torch" else None)
             if problem is not None:
                 skipped.append(skip("all", runtime, None, problem))
                 continue
@@ -112,11 +115,13 @@ def _run_runtime(ctx: Context, runtime: str, precisions: tuple[str, ...], rows: 
                 skipped.append(skip(component, runtime, precision, str(exc)))
 
 
-def _start_torch(ctx: Context, threads: int | None) -> str | None:
-    """Load the PyTorch reference runners (registered by the workstation side) into ``ctx``; why they
-    cannot run, or None."""
+def _start_torch(ctx: Context, reference: ReferenceRunners | None, threads: int | None) -> str | None:
+    """Load the PyTorch reference runners into ``ctx``; why they cannot run, or None."""
+    if reference is None:
+        return ("the PyTorch reference was not given: it is on the workstation side (`pah-edge bench` "
+                "passes it; pip install 'pah-edge[train]')")
     try:
-        runners, why_not = reference_runners("torch", ctx.bundle, threads)
+        runners, why_not = reference(ctx.bundle, threads)
     except (ImportError, OSError) as exc:  # installed but broken, e.g. CUDA libraries that do not match
         return f"torch is installed but cannot be imported ({exc})"
     if runners is None:

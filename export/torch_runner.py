@@ -1,9 +1,8 @@
 """PyTorch reference runtime: the ground truth that ``verify`` and ``bench`` compare the other runtimes against.
 
-It lives on the workstation side (``export/``) because it needs torch, and registers itself with the
-device side's runtimes when imported: ``create_runner("torch", ...)`` and the bundle's reference
-runners (``reference_runners("torch", bundle)``) then work without the device side importing
-this package. Importing it does not import torch; making a runner does.
+It lives on the workstation side (``export/``) because it needs torch; ``verify`` calls
+``torch_runners`` itself, and the ``bench`` command hands it to ``run_bench``, so the device side
+never imports this package. Importing it does not import torch; making a runner does.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import numpy as np
 
 from pah_edge.bundle import Bundle, sha256_file
 from pah_edge.bundle_layout import GRAPH_SPECS
-from pah_edge.device.runtimes import register_reference, register_runner
 from pah_edge.device.runtimes.base import Runner, Spec
 
 if TYPE_CHECKING:
@@ -106,7 +104,3 @@ def torch_runners(bundle: Bundle, threads: int | None = None) -> tuple[dict[str,
         runners[graph] = TorchRunner(module, input_names=spec.input_names, output_names=spec.output_names,
                                      input_specs={t.name: (None, np.dtype(t.dtype)) for t in spec.inputs})
     return runners, None
-
-
-register_runner("torch", TorchRunner)
-register_reference("torch", torch_runners)

@@ -161,12 +161,12 @@ def bench(
     plot: Optional[Path] = typer.Option(None, help="Draw latency vs batch per runtime to this PNG (needs matplotlib)."),
 ):
     """Latency (p50/p90/p99 ms), throughput and memory of each component per runtime, precision and batch."""
-    import pah_edge.export.torch_runner  # noqa: F401  (registers the PyTorch reference; torch loads only if it runs)
     from pah_edge.device.bench import run_bench
+    from pah_edge.export.torch_runner import torch_runners  # torch itself loads only if the torch rows run
 
     config = BenchConfig.from_options(runtime=runtime, precision=precision, batch=batch, iterations=iterations,
                                       warmup=warmup, images=images, threads=threads)
-    show(run_bench(bundle, config, json_path=json_out, plot_path=plot))
+    show(run_bench(bundle, config, json_path=json_out, plot_path=plot, reference=torch_runners))
     if json_out is not None:
         typer.echo(f"results -> {json_out}")
 

@@ -16,7 +16,7 @@ from pah_edge.device.bench import BenchConfig, add_ratios, run_bench
 from pah_edge.device.bench_timing import NOISY_CV, Timing, alternating, measure
 from pah_edge.device.runtimes import tensorrt_problem
 from pah_edge.errors import ConfigError
-from pah_edge.export import torch_runner  # noqa: F401  (registers the PyTorch reference, as the CLI does)
+from pah_edge.export.torch_runner import torch_runners
 
 REQUIRED = ("component", "runtime", "precision", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput_ips", "rss_mb",
             "cv", "iterations", "speedup_vs_torch")
@@ -38,7 +38,8 @@ def measured(made):
     bundle, _, root = made
     before = file_tree(bundle)
     config = BenchConfig(runtimes=("onnxruntime", "torch"), batches=(1, 4), **QUICK)
-    report = run_bench(bundle, config, json_path=root / "out" / "b.json", plot_path=root / "out" / "b.png")
+    report = run_bench(bundle, config, json_path=root / "out" / "b.json", plot_path=root / "out" / "b.png",
+                       reference=torch_runners)  # as the CLI passes it
     return report, root / "out" / "b.json", root / "out" / "b.png", before, file_tree(bundle)
 
 

@@ -25,7 +25,7 @@ from pah_edge.device.runtimes import (
 from pah_edge.device.runtimes.onnxruntime import OnnxRuntimeRunner
 from pah_edge.device.runtimes.tensorrt import TensorRTRunner, tensorrt_problem
 from pah_edge.errors import PahEdgeError
-from pah_edge.export import torch_runner  # noqa: F401  (registers create_runner("torch"), as the workstation side does)
+from pah_edge.export.torch_runner import TorchRunner
 
 OUTPUTS = ["features", "logits"]
 SPEC = "float32[?, 3, 6, 6]"
@@ -96,7 +96,7 @@ def test_torch_runner_matches_onnxruntime(tiny, tiny_onnx):
     with create_runner("onnxruntime-cpu", tiny_onnx) as ort_runner:
         want = ort_runner.infer({"images": images})
     tiny.train()  # the runner must switch to eval and restore the mode afterwards
-    runner = create_runner("torch", module=tiny, input_names=["images"], output_names=OUTPUTS)
+    runner = TorchRunner(tiny, input_names=["images"], output_names=OUTPUTS)
     with runner:
         assert not tiny.training
         got = runner.infer({"images": images})
@@ -146,7 +146,7 @@ def test_inactive_runner_is_a_bug(tiny_onnx):
 
 
 def test_create_runner_errors(tmp_path):
-    with pytest.raises(PahEdgeError, match="unknown runtime 'tflite': choose one of onnxruntime, .*tensorrt, torch"):
+    with pytest.raises(PahEdgeError, match="unknown runtime 'tflite': choose one of onnxruntime, .*tensorrt"):
         create_runner("tflite", tmp_path / "m.onnx")
     with pytest.raises(PahEdgeError, match="no ONNX model at .*absent.onnx"):
         create_runner("onnxruntime", tmp_path / "absent.onnx")

@@ -1,10 +1,9 @@
-"""Runtimes behind one runner interface: ONNX Runtime, TensorRT and a PyTorch reference.
+"""Runtimes behind one runner interface: ONNX Runtime and TensorRT.
 
 ``create_runner(kind, path)`` builds one; ``pick_runtime()`` says which is usable here. Importing
 this package imports neither torch nor tensorrt: each runner imports its library on use. The
-PyTorch reference belongs to the workstation side (``pah_edge.export.torch_runner``), which
-registers it here when imported (``register_runner``, ``register_reference``): the device side
-never imports it.
+PyTorch reference, on the same interface, belongs to the workstation side
+(``pah_edge.export.torch_runner``); whoever wants it (``verify``, ``bench``) hands it in.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from pah_edge.errors import PahEdgeError
 
 __all__ = [
     "EngineMismatchError",
+    "ReferenceRunners",
     "Runner",
     "RuntimeInputError",
     "RuntimeUnavailable",
@@ -34,9 +34,6 @@ __all__ = [
     "engine_compatibility_problem",
     "format_spec",
     "pick_runtime",
-    "reference_runners",
-    "register_reference",
-    "register_runner",
 ]
 
 # "onnxruntime" lets the session pick the best provider; the suffixed kinds pin one.
@@ -45,46 +42,15 @@ _ORT_PROVIDERS = {
     "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "onnxruntime-cpu": ["CPUExecutionProvider"],
 }
-KINDS = (*_ORT_PROVIDERS, "tensorrt", "torch")
+KINDS = (*_ORT_PROVIDERS, "tensorrt")
 NO_CUDA_EP = "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)"
-NOT_REGISTERED = ("the PyTorch reference was not loaded: it is on the workstation side "
-                  "(import pah_edge.export.torch_runner; pip install 'pah-edge[train]')")
-# kind -> runner class, and kind -> provider of a bundle's reference runners: filled by the workstation side.
-_RUNNERS: dict[str, Callable[..., Runner]] = {}
-_REFERENCES: dict[str, Callable[..., tuple[dict[str, Runner] | None, str | None]]] = {}
-
-
-def register_runner(kind: str, runner: Callable[..., Runner]) -> None:
-    """Let ``create_runner(kind, **kw)`` return ``runner(**kw)``; another runner for a kind is an error."""
-    _register(_RUNNERS, kind, runner)
-
-
-def register_reference(kind: str, provider: Callable[..., tuple[dict[str, Runner] | None, str | None]]) -> None:
-    """Register ``provider(bundle, threads)``: ({graph: inactive runner}, None) of the bundle's graphs
-    on runtime ``kind``, or (None, why not); ``reference_runners`` calls it."""
-    _register(_REFERENCES, kind, provider)
-
-
-def reference_runners(kind: str, bundle, threads: int | None = None) -> tuple[dict[str, Runner] | None, str | None]:
-    """({graph: inactive runner}, None) of ``bundle``'s graphs on the registered reference ``kind``,
-    or (None, why not). ``threads``: the runtime's intra-op threads (None: its default)."""
-    provider = _REFERENCES.get(kind)
-    if provider is None:
-        return None, NOT_REGISTERED
-    return provider(bundle, threads)
-
-
-def _register(table: dict, kind: str, value) -> None:
-    if table.get(kind, value) is not value:
-        raise ValueError(f"runtime {kind!r} is registered already, as {table[kind]!r}")
-    table[kind] = value
+# ({graph: inactive runner}, None) of a bundle's graphs on a reference runtime, or (None, why not), given
+# the bundle and the intra-op threads (None: the runtime's default): `pah_edge.export.torch_runner.torch_runners`.
+ReferenceRunners = Callable[..., tuple[dict[str, Runner] | None, str | None]]
 
 
 def create_runner(kind: str, model_path=None, **kw) -> Runner:
-    """A runner of ``kind`` for ``model_path`` (ONNX file or TensorRT engine).
-
-    ``torch`` (once registered) takes ``module=``, ``input_names=``, ``output_names=`` instead of a path.
-    """
+    """A runner of ``kind`` (one of ``KINDS``) for ``model_path`` (ONNX file or TensorRT engine)."""
     if kind in _ORT_PROVIDERS:
         from pah_edge.device.runtimes.onnxruntime import OnnxRuntimeRunner
 
@@ -95,10 +61,6 @@ def create_runner(kind: str, model_path=None, **kw) -> Runner:
         from pah_edge.device.runtimes.tensorrt import TensorRTRunner
 
         return TensorRTRunner(model_path, **kw)
-    if kind in _RUNNERS:
-        return _RUNNERS[kind](**kw)
-    if kind == "torch":
-        raise RuntimeUnavailable(NOT_REGISTERED)
     raise PahEdgeError(f"unknown runtime {kind!r}: choose one of {', '.join(KINDS)}")
 
 
